@@ -1,0 +1,44 @@
+# The two commands of the README: `make reproduce` and `make test`.
+# Both create .venv, install requirements.txt and, where apt is available and
+# the user is root, the Debian package with the offline Fashion-MNIST files.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: setup data reproduce test lint bench clean
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+data:
+	@if [ -d $(FASHION) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing dataset-fashion-mnist (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "note: $(FASHION) is missing; run 'sudo apt-get install dataset-fashion-mnist', or pass --data-dir, or let tensorflow-datasets download it"; \
+	fi
+
+setup: $(STAMP) data
+
+reproduce: setup
+	$(PY) -m reproduce all --preset quick
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+bench: setup
+	$(PY) bench/train_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,376 @@
+"""Training with the papers' optimisers and callbacks, checkpoints, resume and a model cache.
+
+One entry point, :func:`train`, serves every paper: Adam at 1e-3 with a
+LearningRateScheduler, ReduceLROnPlateau and EarlyStopping as the CAE report
+trains its ensembles; SGD (with momentum) as the bi-level and fragile papers
+fine-tune. It is a thin layer over ``keras.Model.fit``, which does the work:
+
+* a checkpoint every epoch and resume after the process is killed, through
+  Keras' own ``BackupAndRestore`` callback (weights and optimizer state; the
+  epoch counter). The interrupted epoch is redone from the last checkpoint.
+* a cache of trained models keyed by a hash of (architecture, initial
+  weights, training data, config, seed), so that reruns never retrain the
+  same model. The initial weights are part of the key because the same
+  architecture fine-tuned from two different starting points is two models.
+* fixed seeds (``keras.utils.set_random_seed``) so a rerun gives the same
+  numbers.
+
+The cache lives in ``$WMSUITE_CACHE_DIR`` (default ``~/.cache/wmsuite``); pass
+``cache=False`` (``--no-cache`` on the command line) to retrain regardless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from models.errors import UserError
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "step")
+# The step schedule of the Keras CIFAR-10 ResNet example the CAE report trains
+# with: x0.1 at 40% of the epochs, x0.01 at 60%, x0.001 at 80%, x0.0005 at 90%
+# (epochs 80/120/160/180 of 200 in the original).
+_STEP_BOUNDARIES = ((0.9, 0.5e-3), (0.8, 1e-3), (0.6, 1e-2), (0.4, 1e-1))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained.
+
+    Args:
+        epochs: maximum number of epochs.
+        batch_size: examples per step.
+        optimizer: ``"adam"`` or ``"sgd"``.
+        learning_rate: initial learning rate.
+        momentum: SGD momentum (ignored by Adam).
+        lr_schedule: ``"constant"`` or ``"step"`` (the Keras CIFAR ResNet
+            schedule scaled to ``epochs``, via ``LearningRateScheduler``).
+        reduce_lr_on_plateau: add ``ReduceLROnPlateau`` (factor sqrt(0.1),
+            patience 5, min 5e-7, as in the Keras CIFAR ResNet example).
+        early_stopping_patience: epochs without improvement before
+            ``EarlyStopping`` stops and restores the best weights; 0 is off.
+        validation_split: fraction of the training data held out (from the
+            end) to monitor the callbacks; 0 monitors the training loss.
+        seed: seed for initial shuffling, dropout and everything random.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.0
+    lr_schedule: str = "constant"
+    reduce_lr_on_plateau: bool = False
+    early_stopping_patience: int = 0
+    validation_split: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise UserError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise UserError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(
+                f"unknown optimizer {self.optimizer!r}; expected one of: {', '.join(OPTIMIZERS)}"
+            )
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise UserError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(
+                f"unknown lr_schedule {self.lr_schedule!r}; expected one of: {', '.join(LR_SCHEDULES)}"
+            )
+        if not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 0:
+            raise UserError(
+                f"early_stopping_patience must be >= 0, got {self.early_stopping_patience!r}"
+            )
+        if not 0 <= self.validation_split < 1:
+            raise UserError(f"validation_split must be in [0, 1), got {self.validation_split!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build a config from a mapping; an unknown key is an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(
+                f"unknown training option {unknown[0]!r}; expected one of: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def cae(cls, epochs: int = 200, **overrides) -> TrainConfig:
+        """The CAE report's recipe: Adam 1e-3, step schedule, plateau, early stopping."""
+        values = dict(
+            epochs=epochs,
+            optimizer="adam",
+            learning_rate=1e-3,
+            lr_schedule="step",
+            reduce_lr_on_plateau=True,
+            early_stopping_patience=10,
+            validation_split=0.1,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did.
+
+    Attributes:
+        model: the trained model (the one passed in, trained in place).
+        history: per-epoch metrics as Keras reports them.
+        seconds: wall time of the training itself (when the model came from
+            the cache, the time the original training took).
+        epochs_run: epochs actually run (early stopping may cut them).
+        train_examples: examples per epoch.
+        from_cache: whether the weights came from the cache.
+        key: the cache key.
+    """
+
+    model: keras.Model
+    history: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    epochs_run: int = 0
+    train_examples: int = 0
+    from_cache: bool = False
+    key: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return (
+            self.train_examples * self.epochs_run / self.seconds
+            if self.seconds > 0
+            else float("nan")
+        )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow (and so Keras) in one call."""
+    keras.utils.set_random_seed(int(seed))
+
+
+def outputs_probabilities(model: keras.Model) -> bool:
+    """Whether a classifier's last layer is a softmax (zoo models are)."""
+    activation = getattr(model.layers[-1], "activation", None)
+    return getattr(activation, "__name__", "") == "softmax"
+
+
+def predict_labels(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Arg-max labels of ``model`` on ``x``, batched."""
+    return np.argmax(model.predict(x, batch_size=batch_size, verbose=0), axis=-1)
+
+
+def evaluate_accuracy(
+    model: keras.Model, x: np.ndarray, y: Sequence[int] | np.ndarray, batch_size: int = 256
+) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``."""
+    return float(np.mean(predict_labels(model, x, batch_size) == np.asarray(y).reshape(-1)))
+
+
+def default_cache_dir() -> Path:
+    """``$WMSUITE_CACHE_DIR``, else ``$XDG_CACHE_HOME/wmsuite``, else ``~/.cache/wmsuite``."""
+    if os.environ.get("WMSUITE_CACHE_DIR"):
+        return Path(os.environ["WMSUITE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "wmsuite"
+
+
+def _training_arrays(data) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) from a :class:`models.datasets.Dataset` or an ``(x, y)`` pair."""
+    if hasattr(data, "x_train") and hasattr(data, "y_train"):
+        x, y = data.x_train, data.y_train
+    elif isinstance(data, tuple | list) and len(data) == 2:
+        x, y = data
+    else:
+        raise UserError("training data must be a Dataset or an (x, y) pair of arrays")
+    x, y = np.asarray(x), np.asarray(y).reshape(-1)
+    if len(x) != len(y) or len(x) == 0:
+        raise UserError(
+            f"training data has {len(x)} inputs and {len(y)} labels; expected the same non-zero number"
+        )
+    return x, y
+
+
+def _hash_update(digest, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array)
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(memoryview(array).cast("B"))
+
+
+def cache_key(model: keras.Model, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> str:
+    """Hash of (architecture, initial weights, data, config, seed); the seed is in the config."""
+    digest = hashlib.sha256()
+    digest.update(model.to_json().encode())
+    for weight in model.weights:
+        _hash_update(digest, keras.ops.convert_to_numpy(weight))
+    _hash_update(digest, x)
+    _hash_update(digest, y)
+    digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    digest.update(keras.__version__.encode())
+    return digest.hexdigest()[:24]
+
+
+def _optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(config.learning_rate, momentum=config.momentum)
+    return keras.optimizers.Adam(config.learning_rate)
+
+
+def _step_schedule(config: TrainConfig):
+    def schedule(epoch: int, lr: float) -> float:
+        progress = epoch / config.epochs
+        for boundary, factor in _STEP_BOUNDARIES:
+            if progress >= boundary:
+                return config.learning_rate * factor
+        return config.learning_rate
+
+    return schedule
+
+
+def _callbacks(config: TrainConfig, backup_dir: Path | None) -> list[keras.callbacks.Callback]:
+    monitor = "val_loss" if config.validation_split > 0 else "loss"
+    callbacks: list[keras.callbacks.Callback] = []
+    if backup_dir is not None:
+        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True))
+    if config.lr_schedule == "step":
+        callbacks.append(keras.callbacks.LearningRateScheduler(_step_schedule(config)))
+    if config.reduce_lr_on_plateau:
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=monitor, factor=math.sqrt(0.1), patience=5, min_lr=0.5e-6
+            )
+        )
+    if config.early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=monitor, patience=config.early_stopping_patience, restore_best_weights=True
+            )
+        )
+    return callbacks
+
+
+def compile_for_training(model: keras.Model, config: TrainConfig) -> None:
+    """Compile ``model`` with the config's optimizer and the right cross-entropy."""
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(model))
+    model.compile(optimizer=_optimizer(config), loss=loss, metrics=["accuracy"])
+
+
+def _progress_verbosity() -> int:
+    return 1 if sys.stderr.isatty() else 2
+
+
+def _write_cache_entry(entry: Path, model: keras.Model, meta: dict) -> None:
+    """Write model + metadata into a temporary folder, then rename it into place."""
+    staging = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save(staging / "model.keras")
+    (staging / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    shutil.rmtree(entry, ignore_errors=True)
+    os.replace(staging, entry)
+
+
+def train(
+    model: keras.Model,
+    data,
+    config: TrainConfig,
+    *,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int | None = None,
+) -> TrainResult:
+    """Train ``model`` in place, or restore it from the cache.
+
+    Args:
+        model: a built Keras classifier (softmax or logit outputs).
+        data: a :class:`models.datasets.Dataset` (its training split is used)
+            or an ``(x, y)`` pair with integer labels.
+        config: the training recipe; ``config.seed`` seeds the run.
+        cache: reuse a finished training with the same key; ``False``
+            retrains and replaces the entry.
+        cache_dir: where trained models and checkpoints live
+            (default :func:`default_cache_dir`).
+        callbacks: extra Keras callbacks, run after the suite's own (the
+            checkpoint of an epoch is written before they see its end).
+        verbose: Keras progress (default: a bar on a terminal, a line per
+            epoch otherwise).
+
+    Returns:
+        A :class:`TrainResult`; ``result.model`` is ``model``.
+    """
+    x, y = _training_arrays(data)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = cache_key(model, x, y, config)
+    entry = root / "models" / key
+    meta_path = entry / "meta.json"
+    if cache and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        model.load_weights(entry / "model.keras")
+        log.info(
+            "%s: reused cached training %s (%.1f s originally)", model.name, key, meta["seconds"]
+        )
+        return TrainResult(
+            model=model,
+            history=meta["history"],
+            seconds=meta["seconds"],
+            epochs_run=meta["epochs_run"],
+            train_examples=meta["train_examples"],
+            from_cache=True,
+            key=key,
+        )
+
+    seed_everything(config.seed)
+    compile_for_training(model, config)
+    backup_dir = root / "checkpoints" / key
+    if backup_dir.exists():
+        log.info("%s: resuming from the checkpoint in %s", model.name, backup_dir)
+    n_val = int(round(len(x) * config.validation_split))
+    x_fit, y_fit = (x[:-n_val], y[:-n_val]) if n_val else (x, y)
+    validation = (x[-n_val:], y[-n_val:]) if n_val else None
+    start = time.perf_counter()
+    history = model.fit(
+        x_fit,
+        y_fit,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        validation_data=validation,
+        shuffle=True,
+        callbacks=[*_callbacks(config, backup_dir), *callbacks],
+        verbose=_progress_verbosity() if verbose is None else verbose,
+    )
+    seconds = time.perf_counter() - start
+    metrics = {name: [float(v) for v in values] for name, values in history.history.items()}
+    epochs_run = len(metrics.get("loss", []))
+    meta = {
+        "model": model.name,
+        "config": dataclasses.asdict(config),
+        "history": metrics,
+        "seconds": seconds,
+        "epochs_run": epochs_run,
+        "train_examples": len(x_fit),
+    }
+    _write_cache_entry(entry, model, meta)
+    log.info("%s: trained %d epochs in %.1f s", model.name, epochs_run, seconds)
+    return TrainResult(model, metrics, seconds, epochs_run, len(x_fit), False, key)

@@ -1,0 +1,1 @@
+"""Reproductions of the four papers, one thin module per paper (see ``reproduce.cli``)."""

@@ -1,0 +1,227 @@
+"""``python -m reproduce``: re-run a paper's experiments and write its tables, figures and claims.
+
+Each paper is one module of this package with a small interface:
+
+* ``TITLE`` (str) and ``PRESET_NOTES`` (preset -> what it changes from the paper);
+* ``make_config(preset, *, dataset, data_dir, seed, cache) -> config`` (a dataclass;
+  raises ``UserError`` on a bad value before anything runs);
+* ``run(config, run: reproduce.report.Run) -> None`` (calls the library,
+  stages tables with ``run.table`` and claims with ``run.claim``);
+* ``plot(folder) -> list[Path]`` (draws every figure from the folder's CSVs).
+
+A paper whose module does not exist yet is listed as not built, and asking
+for it exits 2: nothing is faked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+from models.errors import EXIT_USER_ERROR, UnknownNameError, UserError
+
+log = logging.getLogger("reproduce")
+
+PRESETS = ("smoke", "quick", "paper")
+# name -> (module, what it reproduces)
+PAPERS = {
+    "models": ("reproduce.zoo", "the zoo's base models (foundation of every paper)"),
+    "laundering": ("reproduce.laundering", "Aiken et al. 2021, Neural Network Laundering"),
+    "fragile": ("reproduce.fragile", "Yin et al. 2022, fragile watermarking without degradation"),
+    "bilevel": (
+        "reproduce.bilevel",
+        "Yang et al. 2021, robust watermarking by bi-level optimisation",
+    ),
+    "cae": ("reproduce.cae", "Conferrable adversarial examples for fingerprinting (report)"),
+}
+
+
+def is_built(paper: str) -> bool:
+    return importlib.util.find_spec(PAPERS[paper][0]) is not None
+
+
+def paper_module(paper: str):
+    if paper not in PAPERS:
+        raise UnknownNameError("paper", paper, PAPERS)
+    if not is_built(paper):
+        built = ", ".join(p for p in PAPERS if is_built(p))
+        raise UserError(f"the '{paper}' reproduction is not built yet; built: {built}")
+    return importlib.import_module(PAPERS[paper][0])
+
+
+def run_paper(
+    paper: str,
+    *,
+    preset: str = "quick",
+    dataset: str | None = None,
+    data_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    seed: int = 0,
+    cache: bool = True,
+) -> Path:
+    """Run one reproduction and write its outputs.
+
+    Args:
+        paper: a name of :data:`PAPERS`.
+        preset: ``smoke``, ``quick`` or ``paper``.
+        dataset: override the preset's dataset, where the paper allows it.
+        data_dir: a local folder holding the datasets (tried before the
+            Debian files and tensorflow-datasets).
+        out: output folder (default ``results/<paper>/<preset>``).
+        seed: the run's seed.
+        cache: reuse trained models from the cache.
+
+    Returns:
+        The output folder.
+    """
+    from reproduce.report import Run
+
+    if preset not in PRESETS:
+        raise UnknownNameError("preset", preset, PRESETS)
+    module = paper_module(paper)
+    config = module.make_config(preset, dataset=dataset, data_dir=data_dir, seed=seed, cache=cache)
+    out = Path(out) if out is not None else Path("results") / paper / preset
+    run = Run(
+        paper=paper,
+        title=module.TITLE,
+        preset=preset,
+        out=out,
+        config=config,
+        preset_notes=module.PRESET_NOTES.get(preset, ""),
+    )
+    try:
+        log.info("%s: preset %s, output %s", paper, preset, out)
+        module.run(config, run)
+        figures = module.plot(run.staging)
+        run.commit(figures)
+    finally:
+        run.discard()
+    claims = run.claims_frame()
+    for row in claims.itertuples():
+        log.info(
+            "claim %s: %s -> measured %s, %s",
+            row.claim,
+            row.description,
+            row.measured,
+            "holds" if row.holds else "DOES NOT HOLD",
+        )
+    return out
+
+
+def plot_folder(folder: str | Path) -> list[Path]:
+    """Redraw every figure of a finished run from its CSVs."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"'{folder}' is not a finished run: it has no config.json")
+    try:
+        paper = json.loads(config_path.read_text())["paper"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"'{config_path}' is not a config.json written by reproduce") from None
+    return paper_module(paper).plot(folder)
+
+
+def _claims_hold(out: Path) -> bool:
+    import pandas as pd
+
+    claims = pd.read_csv(out / "claims.csv")
+    return bool(claims["holds"].astype(str).eq("True").all())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line and exits 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see --help\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m reproduce",
+        description="Re-run the papers' experiments; writes tables, figures, claims.csv and REPORT.md.",
+    )
+    parser.add_argument(
+        "target",
+        help=f"one of: {', '.join(PAPERS)}, all, list, plot",
+    )
+    parser.add_argument("folder", nargs="?", help="for 'plot': the finished run's folder")
+    parser.add_argument("--preset", default="quick", help="smoke | quick (default) | paper")
+    parser.add_argument("--dataset", help="override the preset's dataset")
+    parser.add_argument(
+        "--data-dir", help="folder with the dataset files (IDX, cifar-10-batches-py, ...)"
+    )
+    parser.add_argument("--out", help="output folder (default results/<paper>/<preset>)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if any claim does not hold")
+    parser.add_argument("--no-cache", action="store_true", help="retrain models even if cached")
+    return parser
+
+
+def _list() -> None:
+    width = max(map(len, PAPERS))
+    for name, (_, what) in PAPERS.items():
+        state = "built" if is_built(name) else "not built"
+        print(f"{name:<{width}}  {state:<9}  {what}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        if args.target == "list":
+            _list()
+            return 0
+        if args.target == "plot":
+            if not args.folder:
+                raise UserError(
+                    "'plot' needs the folder of a finished run: python -m reproduce plot DIR"
+                )
+            for path in plot_folder(args.folder):
+                print(path)
+            return 0
+        if args.folder:
+            raise UserError(f"unexpected argument {args.folder!r}; only 'plot' takes a folder")
+        if args.preset not in PRESETS:
+            raise UnknownNameError("preset", args.preset, PRESETS)
+        if args.target == "all":
+            papers = [p for p in PAPERS if is_built(p)]
+            missing = [p for p in PAPERS if not is_built(p)]
+            if missing:
+                log.warning("not built yet, skipped: %s", ", ".join(missing))
+        elif args.target in PAPERS:
+            papers = [args.target]
+        else:
+            raise UnknownNameError("paper", args.target, [*PAPERS, "all", "list", "plot"])
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise UserError(
+                f"--out '{args.out}' is a file; expected a directory (it is created if missing)"
+            )
+        all_hold = True
+        for paper in papers:
+            out = args.out
+            if out is not None and args.target == "all":
+                out = Path(out) / paper
+            folder = run_paper(
+                paper,
+                preset=args.preset,
+                dataset=args.dataset,
+                data_dir=args.data_dir,
+                out=out,
+                seed=args.seed,
+                cache=not args.no_cache,
+            )
+            all_hold &= _claims_hold(folder)
+            print(folder)
+        if args.target == "all" and missing:
+            print(f"not built yet: {', '.join(missing)}")
+        return 1 if args.strict and not all_hold else 0
+    except UserError as exc:
+        print(f"reproduce: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR

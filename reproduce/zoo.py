@@ -1,0 +1,196 @@
+"""``python -m reproduce models``: train the zoo's base models and check their test accuracy.
+
+This is the first end-to-end run through the foundation (datasets, zoo,
+training with cache and resume, reporting). The other reproductions start
+from these models. The accuracy each model must reach at a preset, and the
+number the papers report where they give one, are data in
+``published/models.csv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+import models
+from models.errors import UserError
+from models.training import TrainConfig, evaluate_accuracy
+from reproduce.report import Run, save_figure
+
+TITLE = "Base models of the zoo"
+PUBLISHED = Path(__file__).with_name("published") / "models.csv"
+PRESET_NOTES = {
+    "smoke": "A few hundred Fashion-MNIST images and one epoch per model: checks the pipeline, "
+    "not the accuracy (the claims are not expected to hold).",
+    "quick": "Fashion-MNIST (the offline dataset here) instead of MNIST and CIFAR-10, at its native "
+    "28x28x1; ResNet20v1 trained for a few epochs instead of 200; 10% of the training set held out "
+    "for the callbacks. LeNet5, the Table 5 network of Aiken et al. and ResNet20v1 only.",
+    "paper": "The papers' datasets and recipes: the CAE report's Adam 1e-3 with the step schedule, "
+    "ReduceLROnPlateau and EarlyStopping for 200 epochs (CIFAR models; 50 for the MNIST ones).",
+}
+# The training recipe per preset and model; the CAE report's recipe is the default.
+_SMOKE = TrainConfig(epochs=1, batch_size=64)
+_QUICK = {
+    "lenet5": TrainConfig.cae(epochs=20, early_stopping_patience=4),
+    "zhang_mnist": TrainConfig.cae(epochs=12, early_stopping_patience=3),
+    "resnet20v1": TrainConfig.cae(epochs=8, early_stopping_patience=3),
+}
+_PAPER_EPOCHS = {"mnist": 50}
+# Inputs a model needs that differ from the dataset's native shape.
+_INPUT_NEEDS = {"densenet121": (32, 3)}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One base model: which architecture on which data, trained how, held to what."""
+
+    model: str
+    dataset: str
+    train: TrainConfig
+    threshold: float
+    published: str
+    source: str
+    size: int | None = None
+    channels: int | None = None
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    preset: str
+    entries: tuple[Entry, ...]
+    max_train: int | None
+    max_test: int | None
+    seed: int
+    cache: bool
+    data_dir: str | None = None
+
+
+def _recipe(preset: str, model: str, dataset: str) -> TrainConfig:
+    if preset == "smoke":
+        return _SMOKE
+    if preset == "quick":
+        return _QUICK.get(model, TrainConfig.cae(epochs=10))
+    return TrainConfig.cae(epochs=_PAPER_EPOCHS.get(dataset, 200))
+
+
+def make_config(
+    preset: str,
+    *,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    seed: int = 0,
+    cache: bool = True,
+) -> ZooConfig:
+    """Resolve a preset into the list of base models to train."""
+    if dataset is not None and dataset not in models.dataset_names():
+        raise models.UnknownNameError("dataset", dataset, models.dataset_names())
+    table = pd.read_csv(PUBLISHED)
+    table = table[table["preset"] == preset]
+    if table.empty:
+        raise UserError(f"no base models are listed for preset {preset!r} in {PUBLISHED}")
+    entries = []
+    for row in table.itertuples():
+        name = dataset or row.dataset
+        size, channels = _INPUT_NEEDS.get(row.model, (None, None))
+        recipe = dataclasses.replace(_recipe(preset, row.model, name), seed=seed)
+        entries.append(
+            Entry(
+                row.model,
+                name,
+                recipe,
+                float(row.threshold),
+                str(row.published),
+                str(row.source),
+                size,
+                channels,
+            )
+        )
+    smoke = preset == "smoke"
+    return ZooConfig(
+        preset,
+        tuple(entries),
+        512 if smoke else None,
+        256 if smoke else None,
+        seed,
+        cache,
+        str(data_dir) if data_dir is not None else None,
+    )
+
+
+def run(config: ZooConfig, out: Run) -> None:
+    """Train every base model of the preset and stage ``table_models.csv`` and the claims."""
+    # Load every dataset first, so that a missing one stops the run before any training.
+    data = {}
+    for entry in config.entries:
+        key = (entry.dataset, entry.size, entry.channels)
+        if key not in data:
+            data[key] = models.load(
+                entry.dataset,
+                data_dir=config.data_dir,
+                size=entry.size,
+                channels=entry.channels,
+                max_train=config.max_train,
+                max_test=config.max_test,
+                seed=config.seed,
+            )
+    rows = []
+    for number, entry in enumerate(config.entries, start=1):
+        dataset = data[(entry.dataset, entry.size, entry.channels)]
+        models.seed_everything(config.seed)
+        model = models.build(entry.model, dataset.input_shape, dataset.num_classes)
+        result = models.train(model, dataset, entry.train, cache=config.cache)
+        accuracy = evaluate_accuracy(model, dataset.x_test, dataset.y_test)
+        rows.append(
+            {
+                "model": entry.model,
+                "dataset": entry.dataset,
+                "input_shape": "x".join(map(str, dataset.input_shape)),
+                "parameters": model.count_params(),
+                "epochs": result.epochs_run,
+                "train_seconds": round(result.seconds, 1),
+                "images_per_second": round(result.images_per_second, 1),
+                "test_accuracy": round(accuracy, 4),
+                "threshold": entry.threshold,
+                "published": entry.published,
+                "from_cache": result.from_cache,
+            }
+        )
+        out.claim(
+            f"M{number}",
+            f"{entry.model} test accuracy on {entry.dataset} >= {entry.threshold}",
+            entry.published,
+            round(accuracy, 4),
+            accuracy >= entry.threshold,
+        )
+    out.table("table_models", pd.DataFrame(rows))
+    sources = "\n".join(f"- `{e.model}`: {e.source}" for e in config.entries)
+    out.section("Sources of the published numbers", sources)
+
+
+def plot(folder: Path) -> list[Path]:
+    """Draw ``fig_models.png`` (test accuracy per model, with its threshold) from the CSV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.read_csv(Path(folder) / "table_models.csv")
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(table), 3.2))
+    labels = [f"{m}\n{d}" for m, d in zip(table["model"], table["dataset"], strict=True)]
+    ax.bar(labels, table["test_accuracy"], color="#4c72b0", label="measured")
+    ax.scatter(
+        labels,
+        table["threshold"],
+        marker="_",
+        s=900,
+        color="#c44e52",
+        label="claim threshold",
+        zorder=3,
+    )
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower right")
+    return [save_figure(fig, Path(folder) / "fig_models.png")]
