@@ -195,7 +195,7 @@ def _l2(weight_decay: float) -> keras.regularizers.Regularizer | None:
 
 @register("_tiny_cnn")
 def tiny_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
-    """A few-thousand-parameter CNN for fast tests only.
+    """A CNN of some ten thousand parameters, for fast tests only.
 
     Not from any paper: Conv2D(8, 3x3) -> MaxPool 2x2 -> Flatten -> Dense(16) -> logits.
     """

@@ -62,10 +62,10 @@ def test_attack_names_are_checked(trained):
 
 def test_backdoor_poisoning_plants_a_working_backdoor(digits):
     from art.attacks.poisoning import PoisoningAttackBackdoor
-    from art.attacks.poisoning.perturbations import add_single_bd
+    from art.attacks.poisoning.perturbations import add_pattern_bd
 
     target = 0
-    attack = PoisoningAttackBackdoor(lambda x: add_single_bd(x, distance=1, pixel_value=1.0))
+    attack = PoisoningAttackBackdoor(lambda x: add_pattern_bd(x, distance=1, pixel_value=1.0))
     rng = np.random.default_rng(0)
     x, y = digits.x_train.copy(), digits.y_train.copy()
     chosen = rng.choice(np.flatnonzero(y != target), size=len(y) // 10, replace=False)
@@ -77,7 +77,7 @@ def test_backdoor_poisoning_plants_a_working_backdoor(digits):
     models.seed_everything(0)
     model = models.build("_tiny_cnn", digits.input_shape, digits.num_classes)
     models.train(
-        model, (x, y), TrainConfig(epochs=15, batch_size=32, learning_rate=3e-3), verbose=0
+        model, (x, y), TrainConfig(epochs=15, batch_size=32, learning_rate=1e-2), verbose=0
     )
 
     others = digits.y_test != target

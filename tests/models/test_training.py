@@ -14,7 +14,7 @@ from models.training import TrainConfig, _step_schedule, cache_key, evaluate_acc
 from tests.conftest import weights_equal
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = TrainConfig(epochs=3, batch_size=32, learning_rate=3e-3)
+FAST = TrainConfig(epochs=3, batch_size=32, learning_rate=1e-2)
 
 
 def test_training_learns(tiny_model, digits, tmp_path):
