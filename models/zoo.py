@@ -3,7 +3,7 @@
 Architectures follow, per builder (each docstring names its source and any deviation):
 Yang et al., "Robust Watermarking for Deep Neural Networks via Bi-level
 Optimization", ICCV 2021 (LeNet-5, VGG-9, VGG-16); Aiken et al., "Neural Network
-Laundering", AsiaCCS 2021, Tables 5-7 (the Zhang et al. networks) and its
+Laundering", Computers & Security 2021, Tables 5-7 (the Zhang et al. networks) and its
 ResNet v1 for CIFAR-10; He et al., "Deep Residual Learning for Image
 Recognition", CVPR 2016 (ResNet v1 and the CIFAR-style ResNet-18/50/101/152 of
 the fragile-watermark experiments); the CAE fingerprinting report (DenseNet121
@@ -169,7 +169,7 @@ def _input(input_shape: tuple[int, int, int]) -> keras.KerasTensor:
     return keras.Input(shape=input_shape, dtype="float32", name="input")
 
 
-def _head(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
+def classifier_head(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
     """The two layers every model ends with: linear ``logits``, softmax ``predictions``."""
     # float32 even under a mixed-precision policy, as the Keras guide advises for outputs.
     x = layers.Dense(num_classes, name="logits", dtype="float32")(x)
@@ -204,7 +204,7 @@ def tiny_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model
     x = layers.MaxPooling2D(2, name="pool1")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(16, activation="relu", name="fc1")(x)
-    return keras.Model(inputs, _head(x, num_classes), name=model_name("_tiny_cnn"))
+    return keras.Model(inputs, classifier_head(x, num_classes), name=model_name("_tiny_cnn"))
 
 
 @register("lenet5")
@@ -225,12 +225,12 @@ def lenet5(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(120, activation="relu", name="fc1")(x)
     x = layers.Dense(84, activation="relu", name="fc2")(x)
-    return keras.Model(inputs, _head(x, num_classes), name="lenet5")
+    return keras.Model(inputs, classifier_head(x, num_classes), name="lenet5")
 
 
 @register("zhang_mnist")
 def zhang_mnist(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
-    """The MNIST network Zhang et al. watermark, as given by Aiken et al. (AsiaCCS 2021).
+    """The MNIST network Zhang et al. watermark, as given by Aiken et al. (Computers & Security 2021).
 
     Exactly Table 5 of "Neural Network Laundering": conv 32@5x5 -> max-pool 2x2
     -> conv 16@5x5 -> max-pool 2x2 -> dense 512 -> softmax, ReLU, valid
@@ -243,12 +243,12 @@ def zhang_mnist(input_shape: tuple[int, int, int], num_classes: int) -> keras.Mo
     x = layers.MaxPooling2D(2, name="pool2")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(512, activation="relu", name="fc1")(x)
-    return keras.Model(inputs, _head(x, num_classes), name="zhang_mnist")
+    return keras.Model(inputs, classifier_head(x, num_classes), name="zhang_mnist")
 
 
 @register("mnist_plus")
 def mnist_plus(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
-    """The MNIST+ network Zhang et al. watermark, as given by Aiken et al. (AsiaCCS 2021).
+    """The MNIST+ network Zhang et al. watermark, as given by Aiken et al. (Computers & Security 2021).
 
     Exactly Table 6 of "Neural Network Laundering": 2x conv 32@3x3 -> max-pool
     -> 2x conv 64@3x3 -> max-pool -> dense 200 (dropout 0.5) -> dense 200
@@ -268,12 +268,12 @@ def mnist_plus(input_shape: tuple[int, int, int], num_classes: int) -> keras.Mod
     x = layers.Dropout(0.5, name="fc1_dropout")(x)
     x = layers.Dense(200, activation="relu", name="fc2")(x)
     x = layers.Dropout(0.5, name="fc2_dropout")(x)
-    return keras.Model(inputs, _head(x, num_classes), name="mnist_plus")
+    return keras.Model(inputs, classifier_head(x, num_classes), name="mnist_plus")
 
 
 @register("zhang_cifar")
 def zhang_cifar(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
-    """The CIFAR-10 network Zhang et al. watermark, as given by Aiken et al. (AsiaCCS 2021).
+    """The CIFAR-10 network Zhang et al. watermark, as given by Aiken et al. (Computers & Security 2021).
 
     Exactly Table 7 of "Neural Network Laundering": three stages of 2x conv
     3x3 (32, 64, 128 filters, same padding, ReLU, BatchNorm) -> max-pool 2x2
@@ -332,7 +332,7 @@ def _vgg(
     x = layers.Flatten(name="flatten")(x)
     for i, units in enumerate(dense, start=1):
         x = layers.Dense(units, activation="relu", name=f"fc{i}")(x)
-    return keras.Model(inputs, _head(x, num_classes), name=name)
+    return keras.Model(inputs, classifier_head(x, num_classes), name=name)
 
 
 @register("vgg9")
@@ -410,7 +410,7 @@ def resnet_v1(
 ) -> keras.Model:
     """ResNet v1 for CIFAR-10 of depth 6n+2 (He et al., CVPR 2016, Section 4.2).
 
-    Follows the Keras CIFAR-10 ResNet example that Aiken et al. (AsiaCCS 2021)
+    Follows the Keras CIFAR-10 ResNet example that Aiken et al. (Computers & Security 2021)
     and the CAE report use: a 3x3 conv-BN-ReLU stem with 16 filters, three
     stages of n basic blocks with 16, 32 and 64 filters (stride 2 at the start
     of stages 2 and 3, projected by a 1x1 conv), he_normal initialisation and
@@ -535,7 +535,7 @@ def _cifar_resnet(
             strides = 2 if stage > 0 and i == 0 else 1
             x = block(x, filters, strides, f"conv{stage + 2}_block{i + 1}")
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    return keras.Model(inputs, _head(x, num_classes), name=name)
+    return keras.Model(inputs, classifier_head(x, num_classes), name=name)
 
 
 _CIFAR_RESNET_DOC = """
@@ -671,7 +671,7 @@ def densenet121(
     x = layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
     x = layers.Dense(256, activation="relu", name="top_dense")(x)
     x = layers.Dropout(0.5, name="top_dropout")(x)
-    return keras.Model(inputs, _head(x, num_classes), name="densenet121")
+    return keras.Model(inputs, classifier_head(x, num_classes), name="densenet121")
 
 
 @register("mobilenetv2")
@@ -689,7 +689,7 @@ def mobilenetv2(input_shape: tuple[int, int, int], num_classes: int) -> keras.Mo
     )
     _name_auto_named(base, (), [])
     x = layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
-    return keras.Model(inputs, _head(x, num_classes), name="mobilenetv2")
+    return keras.Model(inputs, classifier_head(x, num_classes), name="mobilenetv2")
 
 
 def _name_auto_named(
