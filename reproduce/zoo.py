@@ -34,8 +34,8 @@ PRESET_NOTES = {
 # The training recipe per preset and model; the CAE report's recipe is the default.
 _SMOKE = TrainConfig(epochs=1, batch_size=64)
 _QUICK = {
-    "lenet5": TrainConfig.cae(epochs=20, early_stopping_patience=4),
-    "zhang_mnist": TrainConfig.cae(epochs=12, early_stopping_patience=3),
+    "lenet5": TrainConfig.cae(epochs=30, early_stopping_patience=4),
+    "zhang_mnist": TrainConfig.cae(epochs=15, early_stopping_patience=3),
     "resnet20v1": TrainConfig.cae(epochs=8, early_stopping_patience=3),
 }
 _PAPER_EPOCHS = {"mnist": 50}
@@ -180,17 +180,20 @@ def plot(folder: Path) -> list[Path]:
     table = pd.read_csv(Path(folder) / "table_models.csv")
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(table), 3.2))
     labels = [f"{m}\n{d}" for m, d in zip(table["model"], table["dataset"], strict=True)]
-    ax.bar(labels, table["test_accuracy"], color="#4c72b0", label="measured")
+    bars = ax.bar(labels, table["test_accuracy"], color="#4c72b0", label="measured")
+    ax.bar_label(bars, fmt="%.4f", padding=2)
     ax.scatter(
         labels,
         table["threshold"],
         marker="_",
-        s=900,
+        s=1500,
+        linewidths=2.5,
         color="#c44e52",
         label="claim threshold",
         zorder=3,
     )
+    low = min(table["test_accuracy"].min(), table["threshold"].min())
+    ax.set_ylim(max(0.0, low - 0.1), 1.0)
     ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
     ax.legend(loc="lower right")
     return [save_figure(fig, Path(folder) / "fig_models.png")]
