@@ -150,6 +150,8 @@ class Run:
     sections: list[tuple[str, str]] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     staging: Path = field(init=False)
+    _created: list[Path] = field(init=False, default_factory=list)
+    _committed: bool = field(init=False, default=False)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -157,6 +159,9 @@ class Run:
             raise UserError(
                 f"--out '{self.out}' is a file; expected a directory (it is created if missing)"
             )
+        # The staging folder sits beside the output so that the final renames are atomic;
+        # folders made for it are removed again if the run never commits.
+        self._created = [p for p in [self.out.parent, *self.out.parent.parents] if not p.exists()]
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.staging = Path(
             tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.staging-")
@@ -219,9 +224,17 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.staging.iterdir()):
             os.replace(path, self.out / path.name)
+        self._committed = True
         self.discard()
         log.info("wrote %s", self.out)
         return self.out
 
     def discard(self) -> None:
+        """Remove the staging folder, and the folders made for it if nothing was committed."""
         shutil.rmtree(self.staging, ignore_errors=True)
+        if not self._committed:
+            for folder in self._created:  # deepest first
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
