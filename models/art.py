@@ -47,10 +47,10 @@ def to_art(
 
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UserError(f"model '{model.name}' must have one input and one output for ART")
-    input_shape = tuple(int(d) for d in model.input_shape[1:])
-    if len(input_shape) != 3:
+    input_shape = tuple(model.input_shape[1:])
+    if len(input_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in input_shape):
         raise UserError(
-            f"model '{model.name}' takes inputs of shape {input_shape}; expected (H, W, C)"
+            f"model '{model.name}' takes inputs of shape {input_shape}; expected a fixed (H, W, C)"
         )
     nb_classes = int(model.output_shape[-1])
     if from_logits is None:

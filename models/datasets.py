@@ -508,6 +508,28 @@ def _unavailable(name: str, spec: _Spec, reason: str) -> DatasetUnavailable:
 
 # --- IDX files (MNIST, Fashion-MNIST, EMNIST) ---------------------------------------------
 
+# Published MD5 sums of the official MNIST files, gzipped and decompressed. MNIST and
+# Fashion-MNIST share file names, so each is checked not to be the other: files a user
+# trimmed or rebuilt still load, but the wrong dataset under the right name does not.
+_MNIST_MD5 = {
+    "train-images-idx3-ubyte": (
+        "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "6bbc9ace898e44ae57da46a324031adb",
+    ),
+    "train-labels-idx1-ubyte": (
+        "d53e105ee54ea40749a09fcbcd1e9432",
+        "a25bea736e30d166cdddb491f175f624",
+    ),
+    "t10k-images-idx3-ubyte": (
+        "9fb629c4189551a2d022fa330f9573f3",
+        "2646ac647ad5339dbf082846283269ea",
+    ),
+    "t10k-labels-idx1-ubyte": (
+        "ec29112dd5afa0611ce80d1b7f02629c",
+        "27ae3e4e09519cfbb04c329615203637",
+    ),
+}
+
 # Published MD5 sums of the official Fashion-MNIST files, gzipped and decompressed
 # (the Debian package recompressed them, so only the decompressed sums match it).
 _FASHION_MD5 = {
@@ -583,10 +605,12 @@ def _read_idx_dataset(root: Path, name: str, subdirs: Sequence[str] | None = Non
     check_md5 = name == "fashion_mnist"
     arrays = {}
     for part, path in files.items():
+        filename = _idx_names(name)[part]
         arrays[part] = _read_idx(
             path,
             ndim=3 if part.startswith("x") else 1,
-            md5=_FASHION_MD5[_idx_names(name)[part]] if check_md5 else None,
+            md5=_FASHION_MD5[filename] if check_md5 else None,
+            not_md5=_other_idx_md5(name, filename),
         )
     x_train, x_test = arrays["x_train"][..., None], arrays["x_test"][..., None]
     y_train = arrays["y_train"].astype(np.int64)
@@ -602,8 +626,26 @@ def _read_idx_dataset(root: Path, name: str, subdirs: Sequence[str] | None = Non
     return _Raw(x_train, y_train, x_test, y_test, source=str(Path(files["x_train"]).parent))
 
 
-def _read_idx(path: Path | None, ndim: int, md5: tuple[str, str] | None = None) -> np.ndarray:
-    """Reads one IDX file of unsigned bytes (gzipped or not), checked end to end."""
+def _other_idx_md5(name: str, filename: str) -> tuple[str, tuple[str, str]] | None:
+    """The dataset whose same-named IDX file ``name``'s file must not be, with its sums."""
+    other = {"mnist": ("Fashion-MNIST", _FASHION_MD5), "fashion_mnist": ("MNIST", _MNIST_MD5)}
+    if name not in other:
+        return None
+    label, sums = other[name]
+    return label, sums[filename]
+
+
+def _read_idx(
+    path: Path | None,
+    ndim: int,
+    md5: tuple[str, str] | None = None,
+    not_md5: tuple[str, tuple[str, str]] | None = None,
+) -> np.ndarray:
+    """Reads one IDX file of unsigned bytes (gzipped or not), checked end to end.
+
+    ``md5`` are the (gzipped, decompressed) sums the file must match; ``not_md5``
+    names another dataset and the sums of its same-named file, which it must not match.
+    """
     path = Path(path)  # never None here: callers check that every file was found
     try:
         data = path.read_bytes()
@@ -626,6 +668,10 @@ def _read_idx(path: Path | None, ndim: int, md5: tuple[str, str] | None = None) 
                 f"corrupt file {path}: its MD5 matches neither the official file "
                 "nor its decompressed content; download it again"
             )
+    if not_md5 is not None:
+        other, sums = not_md5
+        if hashlib.md5(data).hexdigest() in sums or hashlib.md5(payload).hexdigest() in sums:
+            raise UserError(f"wrong dataset: {path} is the {other} file of the same name")
     header = 4 + 4 * ndim
     if len(payload) < header or payload[:3] != bytes((0, 0, _IDX_UBYTE)) or payload[3] != ndim:
         raise UserError(

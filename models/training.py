@@ -83,6 +83,12 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name in ("learning_rate", "momentum", "validation_split"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise UserError(f"{name} must be a number, got {value!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise UserError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise UserError(f"epochs must be a positive integer, got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -115,7 +121,10 @@ class TrainConfig:
             raise UserError(
                 f"unknown training option {unknown[0]!r}; expected one of: {', '.join(sorted(known))}"
             )
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise UserError(f"bad training options: {exc}") from None
 
     @classmethod
     def cae(cls, epochs: int = 200, **overrides) -> TrainConfig:
@@ -171,9 +180,13 @@ def seed_everything(seed: int) -> None:
 
 
 def outputs_probabilities(model: keras.Model) -> bool:
-    """Whether a classifier's last layer is a softmax (zoo models are)."""
-    activation = getattr(model.layers[-1], "activation", None)
-    return getattr(activation, "__name__", "") == "softmax"
+    """Whether a classifier ends in a softmax (zoo models do), looking inside nested models."""
+    last = model.layers[-1] if model.layers else None
+    while isinstance(last, keras.Model) and last.layers:
+        last = last.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return True
+    return getattr(getattr(last, "activation", None), "__name__", "") == "softmax"
 
 
 def predict_labels(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -218,16 +231,43 @@ def _hash_update(digest, array: np.ndarray) -> None:
     digest.update(memoryview(array).cast("B"))
 
 
-def cache_key(model: keras.Model, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> str:
-    """Hash of (architecture, initial weights, data, config, seed); the seed is in the config."""
+def _architecture(model: keras.Model) -> str:
+    """The model's config as JSON; for a subclassed model that has none, its class and weights."""
+    try:
+        return model.to_json()
+    except (NotImplementedError, TypeError, ValueError):
+        layout = [tuple(w.shape) for w in model.weights]  # paths hold auto-numbered names
+        return json.dumps([f"{type(model).__module__}.{type(model).__qualname__}", layout])
+
+
+def _data_id(data) -> str:
+    """A hash of the training data: the Dataset's own cached digest, or the arrays'."""
+    if hasattr(data, "digest"):
+        return data.digest()
     digest = hashlib.sha256()
-    digest.update(model.to_json().encode())
+    for array in _training_arrays(data):
+        _hash_update(digest, array)
+    return digest.hexdigest()
+
+
+def cache_key(model: keras.Model, data, config: TrainConfig, tag: str = "") -> str:
+    """Hash of (architecture, initial weights, data, config with its seed, tag).
+
+    Args:
+        model: the model as it is before training.
+        data: a Dataset or an ``(x, y)`` pair.
+        config: the recipe; it holds the seed.
+        tag: names anything else that changes the outcome (a callback that
+            masks weights, a custom loss); two trainings that differ only in it
+            must not share a cache entry.
+    """
+    digest = hashlib.sha256()
+    digest.update(_architecture(model).encode())
     for weight in model.weights:
         _hash_update(digest, keras.ops.convert_to_numpy(weight))
-    _hash_update(digest, x)
-    _hash_update(digest, y)
+    digest.update(_data_id(data).encode())
     digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
-    digest.update(keras.__version__.encode())
+    digest.update(f"{tag}|{keras.__version__}".encode())
     return digest.hexdigest()[:24]
 
 
@@ -248,11 +288,38 @@ def _step_schedule(config: TrainConfig):
     return schedule
 
 
-def _callbacks(config: TrainConfig, backup_dir: Path | None) -> list[keras.callbacks.Callback]:
-    monitor = "val_loss" if config.validation_split > 0 else "loss"
-    callbacks: list[keras.callbacks.Callback] = []
-    if backup_dir is not None:
-        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True))
+class _RunLog(keras.callbacks.Callback):
+    """Keeps a training's history and time beside its checkpoint, so they survive a kill."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        self.history: dict[str, list[float]] = saved.get("history", {})
+        self.seconds: float = saved.get("seconds", 0.0)
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds += time.perf_counter() - self._start
+        for name, value in (logs or {}).items():
+            self.history.setdefault(name, []).append(float(value))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.path.with_name(self.path.name + ".tmp")
+        staging.write_text(json.dumps({"history": self.history, "seconds": self.seconds}))
+        os.replace(staging, self.path)
+
+
+def _callbacks(
+    config: TrainConfig, backup_dir: Path, validated: bool
+) -> list[keras.callbacks.Callback]:
+    monitor = "val_loss" if validated else "loss"
+    # BackupAndRestore first: an epoch's checkpoint is on disk before anything else sees its end.
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True)
+    ]
     if config.lr_schedule == "step":
         callbacks.append(keras.callbacks.LearningRateScheduler(_step_schedule(config)))
     if config.reduce_lr_on_plateau:
@@ -285,7 +352,7 @@ def _write_cache_entry(entry: Path, model: keras.Model, meta: dict) -> None:
     staging = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save(staging / "model.keras")
+    model.save_weights(staging / "model.weights.h5")
     (staging / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     shutil.rmtree(entry, ignore_errors=True)
     os.replace(staging, entry)
@@ -298,36 +365,53 @@ def train(
     *,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    cache_tag: str = "",
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place, or restore it from the cache.
 
+    A training killed midway resumes from its last epoch's checkpoint when
+    called again with the same model, data and config. The interrupted epoch
+    is redone; the states of EarlyStopping and ReduceLROnPlateau (patience
+    counters, best loss so far) are not kept across the kill, while the
+    learning rate, the weights and the optimizer are.
+
     Args:
-        model: a built Keras classifier (softmax or logit outputs).
+        model: a built Keras classifier (softmax or logit outputs); its
+            weights now are part of the cache key.
         data: a :class:`models.datasets.Dataset` (its training split is used)
             or an ``(x, y)`` pair with integer labels.
         config: the training recipe; ``config.seed`` seeds the run.
         cache: reuse a finished training with the same key; ``False``
-            retrains and replaces the entry.
+            retrains from scratch (dropping any checkpoint) and replaces the entry.
         cache_dir: where trained models and checkpoints live
             (default :func:`default_cache_dir`).
+        cache_tag: goes into the cache key; give one whenever ``callbacks``
+            or the model's own ``train_step`` change what training produces.
         callbacks: extra Keras callbacks, run after the suite's own (the
             checkpoint of an epoch is written before they see its end).
         verbose: Keras progress (default: a bar on a terminal, a line per
             epoch otherwise).
 
     Returns:
-        A :class:`TrainResult`; ``result.model`` is ``model``.
+        A :class:`TrainResult`; ``result.model`` is ``model``, compiled for
+        training whether it was trained or restored. Either way the global
+        random state is left seeded with ``config.seed``, so what the caller
+        does next is the same on a rerun.
     """
     x, y = _training_arrays(data)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = cache_key(model, x, y, config)
+    key = cache_key(model, data if hasattr(data, "digest") else (x, y), config, cache_tag)
     entry = root / "models" / key
     meta_path = entry / "meta.json"
+    backup_dir = root / "checkpoints" / key
+    compile_for_training(model, config)
     if cache and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        model.load_weights(entry / "model.keras")
+        model.optimizer.build(model.trainable_variables)  # so its saved state loads too
+        model.load_weights(entry / "model.weights.h5")
+        seed_everything(config.seed)
         log.info(
             "%s: reused cached training %s (%.1f s originally)", model.name, key, meta["seconds"]
         )
@@ -341,36 +425,36 @@ def train(
             key=key,
         )
 
-    seed_everything(config.seed)
-    compile_for_training(model, config)
-    backup_dir = root / "checkpoints" / key
-    if backup_dir.exists():
+    if not cache:
+        shutil.rmtree(backup_dir, ignore_errors=True)
+    elif backup_dir.exists():
         log.info("%s: resuming from the checkpoint in %s", model.name, backup_dir)
+    seed_everything(config.seed)
     n_val = int(round(len(x) * config.validation_split))
     x_fit, y_fit = (x[:-n_val], y[:-n_val]) if n_val else (x, y)
     validation = (x[-n_val:], y[-n_val:]) if n_val else None
-    start = time.perf_counter()
-    history = model.fit(
+    run_log = _RunLog(backup_dir / "run_log.json")
+    model.fit(
         x_fit,
         y_fit,
         batch_size=config.batch_size,
         epochs=config.epochs,
         validation_data=validation,
         shuffle=True,
-        callbacks=[*_callbacks(config, backup_dir), *callbacks],
+        callbacks=[*_callbacks(config, backup_dir, validated=n_val > 0), run_log, *callbacks],
         verbose=_progress_verbosity() if verbose is None else verbose,
     )
-    seconds = time.perf_counter() - start
-    metrics = {name: [float(v) for v in values] for name, values in history.history.items()}
-    epochs_run = len(metrics.get("loss", []))
+    shutil.rmtree(backup_dir, ignore_errors=True)  # BackupAndRestore leaves the run log
+    epochs_run = len(run_log.history.get("loss", []))
     meta = {
         "model": model.name,
         "config": dataclasses.asdict(config),
-        "history": metrics,
-        "seconds": seconds,
+        "history": run_log.history,
+        "seconds": run_log.seconds,
         "epochs_run": epochs_run,
         "train_examples": len(x_fit),
     }
     _write_cache_entry(entry, model, meta)
-    log.info("%s: trained %d epochs in %.1f s", model.name, epochs_run, seconds)
-    return TrainResult(model, metrics, seconds, epochs_run, len(x_fit), False, key)
+    seed_everything(config.seed)
+    log.info("%s: trained %d epochs in %.1f s", model.name, epochs_run, run_log.seconds)
+    return TrainResult(model, run_log.history, run_log.seconds, epochs_run, len(x_fit), False, key)

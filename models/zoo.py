@@ -133,7 +133,13 @@ def build(
         if key not in accepted:
             expected = ", ".join(accepted) if accepted else "no options"
             raise UserError(f"unknown option {key!r} for model {name!r}; expected: {expected}")
-    model = fn(shape, int(num_classes), **options)
+    try:
+        model = fn(shape, int(num_classes), **options)
+    except ValueError as exc:  # Keras' word for "this input is too small for the network"
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"model {name!r} cannot be built for input_shape={shape}: {detail}"
+        ) from None
     if model.name != model_name(name):  # a builder bug, caught here rather than in an attack
         raise RuntimeError(f"builder for {name!r} returned a model named {model.name!r}")
     return model

@@ -121,9 +121,14 @@ def plot_folder(folder: str | Path) -> list[Path]:
         raise UserError(f"'{folder}' is not a finished run: it has no config.json")
     try:
         paper = json.loads(config_path.read_text())["paper"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"'{config_path}' is not a config.json written by reproduce") from None
-    return paper_module(paper).plot(folder)
+    except (ValueError, KeyError, TypeError, OSError):
+        paper = None
+    if not isinstance(paper, str):
+        raise UserError(f"'{config_path}' is not a config.json written by reproduce")
+    try:
+        return paper_module(paper).plot(folder)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise UserError(f"cannot redraw the figures of '{folder}': {exc}") from None
 
 
 def _claims_hold(out: Path) -> bool:
@@ -199,10 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             papers = [args.target]
         else:
             raise UnknownNameError("paper", args.target, [*PAPERS, "all", "list", "plot"])
-        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-            raise UserError(
-                f"--out '{args.out}' is a file; expected a directory (it is created if missing)"
-            )
+        if not 0 <= args.seed < 2**32:
+            raise UserError(f"--seed {args.seed} is out of range; expected 0 <= seed < 2**32")
         all_hold = True
         for paper in papers:
             out = args.out

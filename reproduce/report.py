@@ -1,8 +1,10 @@
 """The shared output writer of every reproduction: config.json, tables, claims, REPORT.md.
 
-A run writes into a private staging folder beside ``--out`` and moves its
-files into place only when it completes, each with an atomic rename, so an
-interrupted or failed run never leaves half-written output. Resuming a long
+A run writes into a private staging folder beside ``--out``, which takes the
+place of ``--out`` (and of an earlier run there, whole) with a rename only
+when the run completes, so an interrupted or failed run never leaves
+half-written or mixed output. Two runs into the same ``--out`` at once are not
+supported. Resuming a long
 run is the training cache's job (:mod:`models.training`): a rerun reuses every
 model already trained and picks up an interrupted training at its last epoch.
 """
@@ -42,19 +44,6 @@ _LIBRARIES = (
     "tensorflow-datasets",
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -159,13 +148,28 @@ class Run:
             raise UserError(
                 f"--out '{self.out}' is a file; expected a directory (it is created if missing)"
             )
-        # The staging folder sits beside the output so that the final renames are atomic;
-        # folders made for it are removed again if the run never commits.
+        if (
+            self.out.is_dir()
+            and any(self.out.iterdir())
+            and not (self.out / "config.json").is_file()
+        ):
+            raise UserError(
+                f"--out '{self.out}' holds files that are not an earlier run of reproduce; "
+                "choose a new or empty folder"
+            )
+        # The run is staged in a folder beside the output, which replaces the output
+        # with one rename when the run completes; folders made for it are removed again
+        # if it never does, and leftovers of killed runs are cleared first.
         self._created = [p for p in [self.out.parent, *self.out.parent.parents] if not p.exists()]
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(
-            tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.staging-")
-        )
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            for stale in self.out.parent.glob(f".{self.out.name}.staging-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            self.staging = Path(
+                tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.staging-")
+            )
+        except OSError as exc:
+            raise UserError(f"cannot write to --out '{self.out}': {exc.strerror or exc}") from None
 
     # -- what a reproduction calls -------------------------------------------------
     def table(self, name: str, frame: pd.DataFrame) -> Path:
@@ -221,9 +225,14 @@ class Run:
         )
         self.claims_frame().to_csv(self.staging / "claims.csv", index=False)
         (self.staging / "REPORT.md").write_text(self._report(figures))
-        self.out.mkdir(parents=True, exist_ok=True)
-        for path in sorted(self.staging.iterdir()):
-            os.replace(path, self.out / path.name)
+        self.staging.chmod(0o755)  # mkdtemp makes it private
+        if self.out.exists():  # an earlier run (checked above): replace it whole
+            previous = self.staging.with_name(self.staging.name + "-previous")
+            os.replace(self.out, previous)
+            os.replace(self.staging, self.out)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(self.staging, self.out)
         self._committed = True
         self.discard()
         log.info("wrote %s", self.out)

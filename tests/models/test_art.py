@@ -91,6 +91,35 @@ def test_backdoor_poisoning_plants_a_working_backdoor(digits):
     assert evaluate_accuracy(model, digits.x_test[others], np.full(int(others.sum()), target)) < 0.1
 
 
+def test_clean_label_backdoor_poisons_through_the_bridge(trained, digits):
+    from art.attacks.poisoning import PoisoningAttackBackdoor, PoisoningAttackCleanLabelBackdoor
+    from art.attacks.poisoning.perturbations import add_pattern_bd
+
+    target = np.eye(digits.num_classes)[0]
+    backdoor = PoisoningAttackBackdoor(lambda x: add_pattern_bd(x, distance=1, pixel_value=1.0))
+    attack = PoisoningAttackCleanLabelBackdoor(
+        backdoor, models.to_art(trained), target, pp_poison=0.5, eps=0.2, eps_step=0.05, max_iter=5
+    )
+    chosen = np.flatnonzero(digits.y_train == 0)[:40]
+    labels = np.eye(digits.num_classes)[digits.y_train[chosen]]
+    poisoned, poisoned_labels = attack.poison(digits.x_train[chosen], labels)
+    assert poisoned.shape == digits.x_train[chosen].shape
+    np.testing.assert_array_equal(poisoned_labels, labels)  # clean label: labels untouched
+    changed = np.any(poisoned != digits.x_train[chosen], axis=(1, 2, 3))
+    assert 0 < changed.sum() <= len(chosen)
+    assert poisoned.min() >= 0.0 and poisoned.max() <= 1.0
+
+
+def test_models_without_a_fixed_input_shape_are_refused():
+    import keras
+
+    inputs = keras.Input((None, None, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    with pytest.raises(UserError, match="fixed"):
+        models.to_art(model)
+
+
 def test_extraction_trains_a_thieved_copy(trained, digits):
     from art.attacks.extraction import CopycatCNN
 

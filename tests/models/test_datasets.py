@@ -498,3 +498,11 @@ def test_dataset_is_a_frozen_value():
     with pytest.raises(ValueError):
         ds.x_train[0, 0, 0, 0] = 1.0
     assert "digits" in repr(ds)
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="no Debian Fashion-MNIST"
+)
+def test_fashion_files_are_not_accepted_as_mnist():
+    with pytest.raises(UserError, match="wrong dataset: .* is the Fashion-MNIST file"):
+        load("mnist", data_dir="/usr/share/datasets/fashion-mnist")

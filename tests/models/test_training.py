@@ -1,11 +1,13 @@
 """train(): recipes, determinism, the model cache, checkpoints and resume."""
 
+import dataclasses
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import keras
 import pytest
 
 import models
@@ -58,14 +60,14 @@ def test_cache_key_depends_on_what_is_trained(digits):
     a = models.build("_tiny_cnn", digits.input_shape, digits.num_classes)
     models.seed_everything(4)
     b = models.build("_tiny_cnn", digits.input_shape, digits.num_classes)
-    base = cache_key(a, x, y, FAST)
-    assert base == cache_key(a, x, y, FAST)
-    assert base != cache_key(b, x, y, FAST)  # other initial weights
-    assert base != cache_key(a, x[:-1], y[:-1], FAST)  # other data
-    assert base != cache_key(a, x, y, TrainConfig(epochs=4))  # other recipe
-    assert base != cache_key(
-        a, x, y, TrainConfig(epochs=3, batch_size=32, learning_rate=3e-3, seed=9)
-    )
+    base = cache_key(a, (x, y), FAST)
+    assert base == cache_key(a, (x, y), FAST)
+    assert cache_key(a, digits, FAST) == cache_key(a, digits, FAST)  # a Dataset keys by its digest
+    assert base != cache_key(b, (x, y), FAST)  # other initial weights
+    assert base != cache_key(a, (x[:-1], y[:-1]), FAST)  # other data
+    assert base != cache_key(a, (x, y), dataclasses.replace(FAST, epochs=4))  # other recipe
+    assert base != cache_key(a, (x, y), dataclasses.replace(FAST, seed=9))  # other seed only
+    assert base != cache_key(a, (x, y), FAST, tag="masked")  # other training step
 
 
 KILLED_RUN = textwrap.dedent(
@@ -97,6 +99,12 @@ def test_resumes_after_the_process_is_killed(digits, tmp_path):
     checkpoints = list((tmp_path / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and not (tmp_path / "models").exists()
 
+    class Count(keras.callbacks.Callback):
+        epochs = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            Count.epochs += 1
+
     models.seed_everything(5)
     model = models.build("_tiny_cnn", digits.input_shape, digits.num_classes)
     result = models.train(
@@ -104,9 +112,11 @@ def test_resumes_after_the_process_is_killed(digits, tmp_path):
         digits,
         TrainConfig(epochs=4, batch_size=32, learning_rate=3e-3),
         cache_dir=tmp_path,
+        callbacks=[Count()],
         verbose=0,
     )
-    assert result.epochs_run == 2, "resumed run should only do the two epochs left"
+    assert Count.epochs == 2, "the resumed run should only do the two epochs left"
+    assert result.epochs_run == 4 and len(result.history["loss"]) == 4, "history spans the kill"
     assert not checkpoints[0].exists(), "the checkpoint is removed once training finishes"
     assert evaluate_accuracy(model, digits.x_test, digits.y_test) > 0.8
 
@@ -140,3 +150,63 @@ def test_bad_recipes_are_user_errors(values):
 def test_bad_training_data_is_a_user_error(tiny_model, digits):
     with pytest.raises(UserError, match="same non-zero number"):
         models.train(tiny_model, (digits.x_train, digits.y_train[:-1]), FAST)
+
+
+def test_no_cache_drops_an_old_checkpoint(digits, tmp_path):
+    models.seed_everything(6)
+    model = models.build("_tiny_cnn", digits.input_shape, digits.num_classes)
+    stale = tmp_path / "checkpoints" / cache_key(model, digits, FAST)
+    stale.mkdir(parents=True)
+    (stale / "training_metadata.json").write_text('{"epoch": 3, "batch": 0}')
+    result = models.train(model, digits, FAST, cache=False, cache_dir=tmp_path, verbose=0)
+    assert result.epochs_run == 3 and not stale.exists()
+
+
+def test_cache_hit_leaves_the_same_model_and_random_state_as_training(digits, tmp_path):
+    outcomes = []
+    for _ in range(2):
+        models.seed_everything(7)
+        model = models.build("_tiny_cnn", digits.input_shape, digits.num_classes)
+        result = models.train(model, digits, FAST, cache_dir=tmp_path, verbose=0)
+        assert model.optimizer is not None, "compiled whether trained or restored"
+        outcomes.append((result.from_cache, keras.ops.convert_to_numpy(keras.random.uniform((3,)))))
+    assert [hit for hit, _ in outcomes] == [False, True]
+    assert (outcomes[0][1] == outcomes[1][1]).all()
+
+
+def test_softmax_layer_models_are_trained_on_probabilities(digits, tmp_path):
+    models.seed_everything(0)
+    inputs = keras.Input(digits.input_shape)
+    logits = keras.layers.Dense(digits.num_classes)(keras.layers.Flatten()(inputs))
+    model = keras.Model(inputs, keras.layers.Softmax()(logits))
+    assert models.training.outputs_probabilities(model)
+    assert models.training.outputs_probabilities(keras.Sequential([model]))
+    assert not models.training.outputs_probabilities(keras.Model(inputs, logits))
+    models.train(model, digits, FAST, cache_dir=tmp_path, verbose=0)
+    assert evaluate_accuracy(model, digits.x_test, digits.y_test) > 0.8
+
+
+class Subclassed(keras.Model):
+    """A subclassed model whose config Keras cannot serialise."""
+
+    def __init__(self, num_classes, width):
+        super().__init__()
+        self.flatten = keras.layers.Flatten()
+        self.hidden = keras.layers.Dense(width, activation="relu")
+        self.out = keras.layers.Dense(num_classes, activation="softmax")
+
+    def call(self, x):
+        return self.out(self.hidden(self.flatten(x)))
+
+
+def test_subclassed_models_train_and_cache(digits, tmp_path):
+    def fresh():
+        models.seed_everything(8)
+        model = Subclassed(digits.num_classes, 32)
+        model(digits.x_train[:1])
+        return model
+
+    first = models.train(fresh(), digits, FAST, cache_dir=tmp_path, verbose=0)
+    again = models.train(fresh(), digits, FAST, cache_dir=tmp_path, verbose=0)
+    assert not first.from_cache and again.from_cache
+    assert weights_equal(first.model, again.model)

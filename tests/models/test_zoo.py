@@ -301,3 +301,8 @@ def test_resnet_v1_rejects_depths_not_6n_plus_2():
 def test_parameter_counts(name, params):
     """Pins sizes (ResNet-20 v1 has the 0.27M of He et al., Table 6) so edits show up."""
     assert build(name).count_params() == params
+
+
+def test_input_too_small_for_the_network_is_a_user_error():
+    with pytest.raises(UserError, match="cannot be built for input_shape=\\(8, 8, 1\\)"):
+        build("lenet5", (8, 8, 1))

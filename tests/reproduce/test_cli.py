@@ -49,6 +49,7 @@ def test_list_tells_built_from_not_built(capsys):
         (["models", "--preset", "smoke", "--dataset", "cifar"], "unknown dataset 'cifar'"),
         (["plot"], "needs the folder"),
         (["models", "--seed", "x"], "invalid int value"),
+        (["models", "--seed", str(2**32)], "out of range"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
@@ -126,10 +127,59 @@ def test_rerun_reuses_the_cache_and_gives_the_same_numbers(smoke_run, tmp_path):
 
 
 @needs_fashion
-def test_strict_fails_when_a_claim_does_not_hold(smoke_run, tmp_path):
-    claims = pd.read_csv(smoke_run / "claims.csv")
-    code = main(["models", "--preset", "smoke", "--strict", "--out", str(tmp_path / "s")])
-    assert code == (0 if claims["holds"].all() else 1)
+@pytest.mark.parametrize(("threshold", "strict_code"), [(0.0, 0), (1.01, 1)])
+def test_strict_exit_code_follows_the_claims(
+    smoke_run, tmp_path, monkeypatch, threshold, strict_code
+):
+    import reproduce.zoo
+
+    published = pd.read_csv(reproduce.zoo.PUBLISHED)
+    published["threshold"] = threshold
+    patched = tmp_path / "published.csv"
+    published.to_csv(patched, index=False)
+    monkeypatch.setattr(reproduce.zoo, "PUBLISHED", patched)
+    assert main(["models", "--preset", "smoke", "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(["models", "--preset", "smoke", "--strict", "--out", str(tmp_path / "b")])
+        == strict_code
+    )
+
+
+@needs_fashion
+def test_rerun_into_the_same_out_replaces_the_earlier_run(smoke_run, tmp_path):
+    out = tmp_path / "run"
+    assert main(["models", "--preset", "smoke", "--out", str(out)]) == 0
+    (out / "table_stale.csv").write_text("left over from an older version\n")
+    assert main(["models", "--preset", "smoke", "--out", str(out)]) == 0
+    assert not (out / "table_stale.csv").exists()
+    assert (out / "claims.csv").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_out_with_unrelated_files_is_refused(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["models", "--preset", "smoke", "--out", str(tmp_path)]) == 2
+    assert "not an earlier run" in one_error_line(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_out_under_a_file_exits_2(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert main(["models", "--preset", "smoke", "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert "cannot write to --out" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ('{"paper": ["models"]}', "not a config.json written by reproduce"),
+        ('{"paper": "models"}', "cannot redraw the figures"),
+    ],
+)
+def test_plot_of_a_malformed_run_exits_2(capsys, tmp_path, config, message):
+    (tmp_path / "config.json").write_text(config)
+    assert main(["plot", str(tmp_path)]) == 2
+    assert message in one_error_line(capsys)
 
 
 @needs_fashion
