@@ -175,10 +175,19 @@ def _input(input_shape: tuple[int, int, int]) -> keras.KerasTensor:
     return keras.Input(shape=input_shape, dtype="float32", name="input")
 
 
-def classifier_head(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
-    """The two layers every model ends with: linear ``logits``, softmax ``predictions``."""
+def classifier_head(
+    x: keras.KerasTensor, num_classes: int, **dense_options: object
+) -> keras.KerasTensor:
+    """The two layers every model ends with: linear ``logits``, softmax ``predictions``.
+
+    Args:
+        x: the features.
+        num_classes: output size.
+        **dense_options: passed to the ``logits`` Dense layer, for the papers
+            that regularise or initialise it (e.g. ``kernel_regularizer``).
+    """
     # float32 even under a mixed-precision policy, as the Keras guide advises for outputs.
-    x = layers.Dense(num_classes, name="logits", dtype="float32")(x)
+    x = layers.Dense(num_classes, name="logits", dtype="float32", **dense_options)(x)
     return layers.Activation("softmax", name="predictions", dtype="float32")(x)
 
 
@@ -305,10 +314,7 @@ def zhang_cifar(input_shape: tuple[int, int, int], num_classes: int) -> keras.Mo
         x = layers.MaxPooling2D(2, name=f"block{stage}_pool")(x)
         x = layers.Dropout(rate, name=f"block{stage}_dropout")(x)
     x = layers.Flatten(name="flatten")(x)
-    outputs = layers.Dense(
-        num_classes, kernel_regularizer=_l2(weight_decay), name="logits", dtype="float32"
-    )(x)
-    outputs = layers.Activation("softmax", name="predictions", dtype="float32")(outputs)
+    outputs = classifier_head(x, num_classes, kernel_regularizer=_l2(weight_decay))
     return keras.Model(inputs, outputs, name="zhang_cifar")
 
 
@@ -447,10 +453,7 @@ def resnet_v1(
             strides = 2 if stage > 0 and block == 0 else 1
             x = _v1_block(x, filters, strides, weight_decay, f"conv{stage + 2}_block{block + 1}")
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    logits = layers.Dense(
-        num_classes, kernel_initializer="he_normal", name="logits", dtype="float32"
-    )(x)
-    outputs = layers.Activation("softmax", name="predictions", dtype="float32")(logits)
+    outputs = classifier_head(x, num_classes, kernel_initializer="he_normal")
     return keras.Model(inputs, outputs, name=name)
 
 

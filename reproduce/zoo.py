@@ -160,7 +160,7 @@ def run(config: ZooConfig, out: Run) -> None:
         )
         out.claim(
             f"M{number}",
-            f"{entry.model} test accuracy on {entry.dataset} >= {entry.threshold}",
+            f"{entry.model} test accuracy on {entry.dataset} >= {entry.threshold:.2f}",
             entry.published,
             round(accuracy, 4),
             accuracy >= entry.threshold,
