@@ -4,13 +4,45 @@ Everything else in the suite stands on this package, and it imports none of
 the others (``watermarks``, ``attacks``, ``fingerprints``, ``reproduce``).
 """
 
-from models.art import to_art
-from models.datasets import Dataset, DatasetUnavailable, load
-from models.datasets import names as dataset_names
-from models.errors import UnknownNameError, UserError
-from models.loading import load_model
-from models.training import TrainConfig, TrainResult, seed_everything, train
-from models.zoo import build, names, register
+import os
+import sys
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up lines kept off stderr.
+
+    TensorFlow 2.21 prints oneDNN and CUDA notices through absl before it
+    reads ``TF_CPP_MIN_LOG_LEVEL``, so a command-line error would not be the
+    one line users are promised. Unless ``TF_CPP_MIN_LOG_LEVEL=0`` asks for
+    every message, file descriptor 2 points at /dev/null for the import only;
+    a failed import restores it before raising.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                import tensorflow  # noqa: F401
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+_import_tensorflow_quietly()
+
+from models.art import to_art  # noqa: E402
+from models.datasets import Dataset, DatasetUnavailable, load  # noqa: E402
+from models.datasets import names as dataset_names  # noqa: E402
+from models.errors import UnknownNameError, UserError  # noqa: E402
+from models.loading import load_model  # noqa: E402
+from models.training import TrainConfig, TrainResult, seed_everything, train  # noqa: E402
+from models.zoo import build, names, register  # noqa: E402
 
 __all__ = [
     "Dataset",

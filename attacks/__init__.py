@@ -1,0 +1,8 @@
+"""Watermark removal attacks: fine-tuning, pruning, fine-pruning, Neural Cleanse, laundering, ...
+
+``get(name)`` returns an attack class, ``names()`` lists them. See :mod:`attacks.base`.
+"""
+
+from attacks.base import RemovalAttack, clone, get, names
+
+__all__ = ["RemovalAttack", "clone", "get", "names"]

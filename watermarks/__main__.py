@@ -1,0 +1,12 @@
+"""Entry point of ``python -m watermarks``."""
+
+import os
+import sys
+
+os.environ.setdefault(
+    "TF_CPP_MIN_LOG_LEVEL", "2"
+)  # keep TensorFlow's C++ start-up chatter off stderr
+
+from watermarks.cli import main  # noqa: E402
+
+sys.exit(main())
