@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,6 +337,24 @@ def _callbacks(
     return callbacks
 
 
+class EpochMetric(keras.callbacks.Callback):
+    """Adds ``name: fn(model)`` to every epoch's logs, so the history (and the cache) keep it.
+
+    For curves over training that are not Keras metrics: a watermark's
+    accuracy per epoch, a trigger set's AccTri. Give :func:`train` a
+    ``cache_tag`` naming the metric, so a cached run without it is not reused.
+    """
+
+    def __init__(self, name: str, fn: Callable[[keras.Model], float]):
+        super().__init__()
+        self.metric_name = name
+        self.fn = fn
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs[self.metric_name] = float(self.fn(self.model))
+
+
 def compile_for_training(model: keras.Model, config: TrainConfig) -> None:
     """Compile ``model`` with the config's optimizer and the right cross-entropy."""
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(model))
@@ -390,7 +408,9 @@ def train(
         cache_tag: goes into the cache key; give one whenever ``callbacks``
             or the model's own ``train_step`` change what training produces.
         callbacks: extra Keras callbacks, run after the suite's own (the
-            checkpoint of an epoch is written before they see its end).
+            checkpoint of an epoch is written before they see its end). A
+            value a callback adds to an epoch's ``logs`` (see
+            :class:`EpochMetric`) is kept in the history, also in the cache.
         verbose: Keras progress (default: a bar on a terminal, a line per
             epoch otherwise).
 
@@ -441,7 +461,7 @@ def train(
         epochs=config.epochs,
         validation_data=validation,
         shuffle=True,
-        callbacks=[*_callbacks(config, backup_dir, validated=n_val > 0), run_log, *callbacks],
+        callbacks=[*_callbacks(config, backup_dir, validated=n_val > 0), *callbacks, run_log],
         verbose=_progress_verbosity() if verbose is None else verbose,
     )
     shutil.rmtree(backup_dir, ignore_errors=True)  # BackupAndRestore leaves the run log
