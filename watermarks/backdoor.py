@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -96,7 +95,6 @@ import tensorflow as tf
 from models.errors import UnknownNameError, UserError
 from models.training import (
     TrainConfig,
-    default_cache_dir,
     evaluate_accuracy,
     seed_everything,
 )
@@ -553,25 +551,6 @@ def calibrate(key: Key, null_accuracies: np.ndarray) -> Key:
     )
 
 
-class _KeyAccuracies(keras.callbacks.Callback):
-    """After every epoch, the model's watermark accuracy on each key, kept on disk (resumable)."""
-
-    def __init__(self, keys: Sequence[Key], path: Path):
-        super().__init__()
-        self.keys = keys
-        self.path = path
-        self.values: dict[str, list[float]] = json.loads(path.read_text()) if path.is_file() else {}
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.values[str(epoch)] = [
-            evaluate_accuracy(self.model, k.inputs, k.labels) for k in self.keys
-        ]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.with_name(self.path.name + ".tmp")
-        staging.write_text(json.dumps(self.values))
-        os.replace(staging, self.path)
-
-
 def null_accuracies(
     model: keras.Model | Callable[[], keras.Model],
     data,
@@ -583,10 +562,10 @@ def null_accuracies(
 ) -> np.ndarray:
     """Train a clean model and record its watermark accuracy after every epoch (Fig. 5).
 
-    The training is :func:`models.train` (cached, resumable) with a callback
-    that scores the model on the key(s); the per-epoch values are cached
-    beside it (``$WMSUITE_CACHE_DIR/null_accuracies``), so a rerun neither
-    trains nor scores again.
+    The training is :func:`models.train` (cached, resumable); an
+    :class:`models.training.EpochMetric` per key scores the model on the key's
+    inputs after every epoch, and the values live in the training's history,
+    so a rerun neither trains nor scores again.
 
     Args:
         model: a fresh model of the watermarked model's architecture, which is
@@ -598,14 +577,14 @@ def null_accuracies(
         key: the key whose inputs are scored, or several keys (one training
             scores them all).
         train_config: the recipe (the watermarked model's, for a fair threshold).
-        cache: reuse a finished training and its curve.
+        cache: reuse a finished training and its curves.
         verbose: Keras progress (default as :func:`models.train`).
 
     Returns:
         One accuracy per epoch run (early stopping may end it early); for a
         sequence of keys, an array of shape ``(len(keys), epochs)``.
     """
-    from models.training import cache_key, train
+    from models.training import EpochMetric, train
 
     keys = [key] if isinstance(key, Key) else list(key)
     if not keys:
@@ -615,50 +594,20 @@ def null_accuracies(
         model = model()
     for k in keys:
         k.check_fits(model)
-    digests = [_digest(k.inputs, k.labels) for k in keys]
-    tag = "null-accuracies:" + ",".join(digests)
+    names = [f"watermark_accuracy_{i}" for i in range(len(keys))]
+    metrics = [
+        EpochMetric(name, lambda m, k=k: evaluate_accuracy(m, k.inputs, k.labels))
+        for name, k in zip(names, keys, strict=True)
+    ]
+    tag = "null-accuracies/v2:" + ",".join(_digest(k.inputs, k.labels) for k in keys)
     pair = data if hasattr(data, "digest") else tuple(data)
-    entry = cache_key(model, pair, train_config, tag)
-    folder = default_cache_dir() / "null_accuracies"
-    final, partial = folder / f"{entry}.json", folder / f"{entry}.partial.json"
-    if cache and final.is_file():
-        curves = np.asarray(json.loads(final.read_text())["curves"], dtype=np.float64)
-        if curves.shape[0] == len(keys):
-            # Restore (or, if only the curve survived, retrain: same seed, same model) the
-            # clean model too, so that the caller holds the vanilla model either way.
-            train(model, pair, train_config, cache=True, cache_tag=tag, verbose=verbose)
-            return curves[0] if isinstance(key, Key) else curves
-    initial = model.get_weights()
-    if not cache:
-        partial.unlink(missing_ok=True)
-    recorder = _KeyAccuracies(keys, partial)
     result = train(
-        model, pair, train_config, cache=cache, cache_tag=tag, callbacks=[recorder], verbose=verbose
+        model, pair, train_config, cache=cache, cache_tag=tag, callbacks=metrics, verbose=verbose
     )
-    if result.from_cache:  # the model was cached but its curve was lost: train again
-        model.set_weights(initial)
-        partial.unlink(missing_ok=True)
-        recorder = _KeyAccuracies(keys, partial)
-        result = train(
-            model,
-            pair,
-            train_config,
-            cache=False,
-            cache_tag=tag,
-            callbacks=[recorder],
-            verbose=verbose,
-        )
-    missing = [e for e in range(result.epochs_run) if str(e) not in recorder.values]
-    if missing:
-        raise RuntimeError(f"no watermark accuracy was recorded for epochs {missing}")
-    curves = np.array(
-        [recorder.values[str(e)] for e in range(result.epochs_run)], dtype=np.float64
-    ).T
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(final.name + ".tmp")
-    staging.write_text(json.dumps({"curves": curves.tolist(), "keys": digests}))
-    os.replace(staging, final)
-    partial.unlink(missing_ok=True)
+    lost = [name for name in names if len(result.history.get(name, ())) != result.epochs_run]
+    if lost:
+        raise RuntimeError(f"training {result.key} did not record {', '.join(lost)} every epoch")
+    curves = np.array([result.history[name] for name in names], dtype=np.float64)
     log.info("null model: watermark accuracy per epoch %s", np.round(curves, 4).tolist())
     return curves[0] if isinstance(key, Key) else curves
 
