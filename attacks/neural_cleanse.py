@@ -1,0 +1,914 @@
+"""Neural Cleanse: reverse-engineer a trigger for every class and flag outliers by MAD.
+
+Wang, Yao, Shan, Li, Viswanath, Zheng, Zhao, "Neural Cleanse: Identifying and
+Mitigating Backdoor Attacks in Neural Networks", IEEE S&P 2019, section IV,
+and the authors' code (github.com/bolunwang/backdoor, ``visualizer.py`` and
+``mad_outlier_detection.py``). For every class ``k`` it looks for the
+smallest mask ``m`` and a pattern ``p`` such that ``x * (1 - m) + m * p``
+sends clean images ``x`` to ``k``:
+
+* ``m`` (H x W, shared by the channels) and ``p`` (H x W x C) are optimised in
+  tanh space, ``m = tanh(m') / (2 - eps) + 0.5`` and likewise ``p``, from
+  uniform random starts, with Adam (lr 0.1, betas 0.5 and 0.9, epsilon 1e-7);
+* loss = cross-entropy to ``k`` + ``cost * |m|_1``; the cost starts at 0 and
+  is set to ``init_cost`` (1e-3) once the attack succeeds (success rate
+  >= 0.99) for ``patience`` consecutive epochs; then it goes up by x1.5
+  after ``patience`` successful epochs and down by /1.5**1.5 after
+  ``patience`` failed ones;
+* the best mask is the smallest-L1 one among epochs whose success rate is
+  at least 0.99; a class stops early once its cost has gone both up and down
+  and the best L1 has not improved by 1% for ``early_stop_patience`` epochs;
+* anomaly index = |L1 - median| / (1.4826 * MAD) over the classes' mask
+  L1 norms; a class is flagged when its index exceeds 2 and its norm is below
+  the median.
+
+An "epoch" here is the original's "step": ``mini_batches`` mini-batches of
+``batch_size`` clean images, after which the success rate and the mask norm,
+averaged over those mini-batches, drive the schedule.
+
+Deliberate deviations from the original code:
+
+* All classes are optimised at once, in one ``tf.function`` per epoch: every
+  mini-batch applies each class's trigger to the same clean images and runs
+  the model on the K x B stack. Each class keeps its own Adam moments and
+  step count, cost, schedule counters and early stopping as (K,) tensors, so
+  a class gets exactly the updates it would get alone (the tests check it);
+  a class that has stopped leaves the stack. ``class_chunk`` splits the
+  classes into independent groups when memory requires.
+* When labels are given, the images of class ``k`` are left out of class
+  ``k``'s loss and success rate, as the paper defines the attack ("samples
+  from other labels"); the original code counts them (pass no labels to
+  match it).
+* For a model ending in a softmax layer, the cross-entropy is taken on that
+  layer's input (the logits): the same loss without Keras' clipping of
+  probabilities at 1e-7, which zeroes the gradient of a hopeless class.
+* Defaults: the authors' GTSRB example uses ``patience`` 5 (the Visualizer
+  class defaults to 10) with a cost multiplier of 2 and an early-stop
+  patience of 25 at threshold 1.0; here ``patience`` 5, multiplier 1.5 (the
+  Visualizer's default) and an early-stop patience of 2 x patience = 10 at
+  threshold 0.99 (the Visualizer's rule). One epoch is one pass over the
+  clean images (the original: 1000 images in mini-batches of 32).
+* Masks are clipped to [0, 1] on output: ``tanh / (2 - eps) + 0.5`` can
+  overshoot the interval by eps/4.
+* When the MAD is 0 the anomaly index is infinite for any class off the
+  median and 0 on it (the original divides by zero).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.errors import UserError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CONSISTENCY_CONSTANT",
+    "FLAG_THRESHOLD",
+    "NeuralCleanseConfig",
+    "NeuralCleanseResult",
+    "add_command",
+    "anomaly_indices",
+    "reverse_engineer",
+]
+
+#: Scales the MAD to the standard deviation of a normal distribution (Wang et al.).
+CONSISTENCY_CONSTANT = 1.4826
+#: A class whose anomaly index exceeds this (and whose norm is below the median) is flagged.
+FLAG_THRESHOLD = 2.0
+#: Keras' epsilon, used by the original in the tanh reparametrisation and by Adam.
+_EPSILON = 1e-7
+REGULARIZATIONS = ("l1", "l2")
+
+
+@dataclass(frozen=True)
+class NeuralCleanseConfig:
+    """How the triggers are reverse-engineered (defaults: the authors' code, see the module doc).
+
+    Args:
+        steps: maximum number of epochs (the original's "steps"; 1000 there).
+        batch_size: clean images per mini-batch (32), capped at the number of images.
+        mini_batches: mini-batches per epoch; ``None``: one pass over the
+            clean images (``n // batch_size``, at least 1).
+        learning_rate: Adam's learning rate (0.1).
+        beta_1: Adam's first-moment decay (0.5).
+        beta_2: Adam's second-moment decay (0.9).
+        init_cost: weight of the mask norm once the attack first succeeds (1e-3).
+        regularization: ``"l1"`` (the paper's) or ``"l2"`` norm of the mask in the loss.
+        attack_success_threshold: success rate that counts as a working trigger (0.99).
+        patience: epochs of success (failure) before the cost goes up (down).
+        cost_multiplier: the cost goes up by this and down by its 1.5th power.
+        reset_cost_to_zero: start with cost 0 and set it to ``init_cost`` after
+            ``patience`` successful epochs (the original's default); ``False``
+            starts at ``init_cost``.
+        early_stop: stop a class whose best norm has stalled (see the module doc).
+        early_stop_threshold: the best norm must fall below this share of its
+            previous best to count as progress (0.99).
+        early_stop_patience: epochs without progress before a class stops (10).
+        class_chunk: optimise at most this many classes together (``None``: all).
+        seed: seeds the random starts and the order of the clean images.
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    mini_batches: int | None = None
+    learning_rate: float = 0.1
+    beta_1: float = 0.5
+    beta_2: float = 0.9
+    init_cost: float = 1e-3
+    regularization: str = "l1"
+    attack_success_threshold: float = 0.99
+    patience: int = 5
+    cost_multiplier: float = 1.5
+    reset_cost_to_zero: bool = True
+    early_stop: bool = True
+    early_stop_threshold: float = 0.99
+    early_stop_patience: int = 10
+    class_chunk: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "patience", "early_stop_patience"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("mini_batches", "class_chunk"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise UserError(f"{name} must be a positive integer or None, got {value!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise UserError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        for name in (
+            "learning_rate",
+            "beta_1",
+            "beta_2",
+            "init_cost",
+            "attack_success_threshold",
+            "cost_multiplier",
+            "early_stop_threshold",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise UserError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise UserError(f"{name} must be finite, got {value!r}")
+        if self.learning_rate <= 0 or self.init_cost <= 0:
+            raise UserError("learning_rate and init_cost must be positive")
+        for name in ("beta_1", "beta_2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0 < self.attack_success_threshold <= 1:
+            raise UserError(
+                f"attack_success_threshold must be in (0, 1], got {self.attack_success_threshold!r}"
+            )
+        if self.cost_multiplier <= 1:
+            raise UserError(f"cost_multiplier must exceed 1, got {self.cost_multiplier!r}")
+        if not 0 < self.early_stop_threshold <= 1:
+            raise UserError(
+                f"early_stop_threshold must be in (0, 1], got {self.early_stop_threshold!r}"
+            )
+        if self.regularization not in REGULARIZATIONS:
+            raise UserError(
+                f"unknown regularization {self.regularization!r}; expected one of: "
+                f"{', '.join(REGULARIZATIONS)}"
+            )
+        for name in ("reset_cost_to_zero", "early_stop"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def cost_multiplier_up(self) -> float:
+        return float(self.cost_multiplier)
+
+    @property
+    def cost_multiplier_down(self) -> float:
+        return float(self.cost_multiplier) ** 1.5
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------- outlier detection
+
+
+def anomaly_indices(l1_norms) -> np.ndarray:
+    """Anomaly index of every class: ``|L1 - median| / (1.4826 * MAD)``.
+
+    Args:
+        l1_norms: the (K,) mask L1 norms.
+
+    Returns:
+        (K,) float64. Where the MAD is 0, classes on the median get 0 and the
+        others infinity.
+    """
+    norms = np.asarray(l1_norms, dtype=np.float64).reshape(-1)
+    if norms.size == 0:
+        return norms
+    median = np.median(norms)
+    deviation = np.abs(norms - median)
+    mad = CONSISTENCY_CONSTANT * np.median(deviation)
+    if mad == 0:
+        return np.where(deviation > 0, np.inf, 0.0)
+    return deviation / mad
+
+
+def _flagged(l1_norms: np.ndarray, indices: np.ndarray) -> tuple[int, ...]:
+    below = l1_norms < np.median(l1_norms)
+    ids = np.flatnonzero(below & (indices > FLAG_THRESHOLD))
+    return tuple(int(k) for k in ids[np.argsort(l1_norms[ids], kind="stable")])
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True, eq=False)
+class NeuralCleanseResult:
+    """The reversed triggers of every class and the outlier analysis.
+
+    Attributes:
+        masks: (K, H, W) float32 in [0, 1], the best mask of each class.
+        patterns: (K, H, W, C) float32 in [0, 1].
+        l1_norms: (K,) L1 norm of each mask.
+        anomaly_indices: (K,) ``|L1 - median| / (1.4826 * MAD)``.
+        flagged: classes with an index above 2 and a norm below the median,
+            smallest norm first.
+        attack_success: (K,) share of the clean images (of other classes, when
+            labels were given) that the class's reversed trigger sends to it.
+        steps: epochs run (the most any class ran).
+        seconds: wall time of the optimisation.
+        class_steps: (K,) epochs each class ran before it stopped.
+        found: (K,) whether the class reached the success threshold at some
+            epoch (else its mask is the last one, as in the original).
+        config: the configuration, as a dict.
+    """
+
+    masks: np.ndarray
+    patterns: np.ndarray
+    l1_norms: np.ndarray
+    anomaly_indices: np.ndarray
+    flagged: tuple[int, ...]
+    attack_success: np.ndarray
+    steps: int
+    seconds: float
+    class_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    found: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.masks.shape[0])
+
+    def apply(self, x: np.ndarray, target) -> np.ndarray:
+        """Stamp the reversed trigger of ``target`` on ``x``: ``x * (1 - m) + m * p``.
+
+        Args:
+            x: (N, H, W, C) images in [0, 1].
+            target: a class id, or (N,) class ids (one per image).
+
+        Returns:
+            (N, H, W, C) float32.
+        """
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != self.patterns.shape[1:]:
+            raise UserError(
+                f"images of shape {x.shape[1:]} do not fit triggers of shape {self.patterns.shape[1:]}"
+            )
+        target = np.asarray(target)
+        if target.ndim == 0:
+            target = np.full(len(x), int(target))
+        if target.shape != (len(x),):
+            raise UserError(f"expected one target or {len(x)} targets, got shape {target.shape}")
+        if len(target) and (target.min() < 0 or target.max() >= self.num_classes):
+            raise UserError(f"target classes must be in 0..{self.num_classes - 1}")
+        mask = self.masks[target][..., None]
+        return (x * (1.0 - mask) + mask * self.patterns[target]).astype(np.float32)
+
+    def most_suspicious(self) -> int:
+        """The likely infected class: the highest anomaly index among norms at or below the median.
+
+        That is the class with the smallest mask norm, flagged or not.
+        """
+        below = self.l1_norms <= np.median(self.l1_norms)
+        scores = np.where(below, self.anomaly_indices, -np.inf)
+        best = np.flatnonzero(scores == scores.max())
+        return int(best[np.argmin(self.l1_norms[best])])
+
+    def least_suspicious(self) -> int:
+        """The class least likely to be infected: the largest mask norm (highest signed deviation)."""
+        return int(np.argmax(self.l1_norms))
+
+    def to_dict(self, *, arrays: bool = True) -> dict[str, Any]:
+        """A JSON-able dict (non-finite indices as ``null``); ``arrays`` adds masks and patterns."""
+        out: dict[str, Any] = {
+            "method": "neural_cleanse",
+            "paper": "Wang et al., Neural Cleanse, IEEE S&P 2019",
+            "num_classes": self.num_classes,
+            "l1_norms": [float(v) for v in self.l1_norms],
+            "anomaly_indices": [
+                float(v) if math.isfinite(v) else None for v in self.anomaly_indices
+            ],
+            "flagged": list(self.flagged),
+            "most_suspicious": self.most_suspicious(),
+            "least_suspicious": self.least_suspicious(),
+            "attack_success": [float(v) for v in self.attack_success],
+            "steps": int(self.steps),
+            "class_steps": [int(v) for v in self.class_steps],
+            "found": [bool(v) for v in self.found],
+            "seconds": float(self.seconds),
+            "config": dict(self.config),
+        }
+        if arrays:
+            out["masks"] = np.asarray(self.masks, np.float32).tolist()
+            out["patterns"] = np.asarray(self.patterns, np.float32).tolist()
+        return out
+
+    def to_json(self, *, arrays: bool = True) -> str:
+        """The result as JSON text (see :meth:`to_dict`)."""
+        return json.dumps(self.to_dict(arrays=arrays), allow_nan=False)
+
+    def save_json(self, path: str | os.PathLike, *, arrays: bool = True) -> Path:
+        """Write :meth:`to_json` to ``path`` atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        _atomic_write(path, self.to_json(arrays=arrays).encode())
+        return path
+
+    @classmethod
+    def from_json(cls, text: str) -> NeuralCleanseResult:
+        """Rebuild a result written by :meth:`to_json` (with its arrays)."""
+        try:
+            data = json.loads(text)
+            masks = np.asarray(data["masks"], np.float32)
+            patterns = np.asarray(data["patterns"], np.float32)
+            indices = np.array(
+                [np.inf if v is None else v for v in data["anomaly_indices"]], np.float64
+            )
+            return cls(
+                masks=masks,
+                patterns=patterns,
+                l1_norms=np.asarray(data["l1_norms"], np.float64),
+                anomaly_indices=indices,
+                flagged=tuple(int(k) for k in data["flagged"]),
+                attack_success=np.asarray(data["attack_success"], np.float64),
+                steps=int(data["steps"]),
+                seconds=float(data["seconds"]),
+                class_steps=np.asarray(data.get("class_steps", []), np.int64),
+                found=np.asarray(data.get("found", []), bool),
+                config=dict(data.get("config", {})),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(
+                f"not a Neural Cleanse result with arrays ({type(exc).__name__}: {exc})"
+            ) from None
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> NeuralCleanseResult:
+        """Read a result written by :meth:`save_json`."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"Neural Cleanse result '{path}' does not exist")
+        return cls.from_json(path.read_text())
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to a staging file beside ``path`` (created under the umask), then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        staging.write_bytes(payload)
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def _forward(model):
+    """(callable giving the scores the loss is taken on, whether they are logits).
+
+    A softmax-ended model is cut before its softmax layer where that layer is
+    a separate one (the zoo's ``predictions``), so the loss sees logits.
+    """
+    import keras
+
+    from models.training import outputs_probabilities
+
+    if not outputs_probabilities(model):
+        return model, True
+    last = model.layers[-1] if model.layers else None
+    if isinstance(last, keras.layers.Softmax | keras.layers.Activation):
+        try:
+            return keras.Model(model.inputs, last.input, name=f"{model.name}_logits"), True
+        except (ValueError, TypeError, AttributeError) as exc:  # nested or subclassed models
+            log.info("cannot cut %s before its softmax (%s); using probabilities", model.name, exc)
+    return model, False
+
+
+class _ClassGroup:
+    """The variables and the per-epoch ``tf.function`` of a group of classes optimised together."""
+
+    def __init__(self, forward, from_logits: bool, x, y, size: int, config: NeuralCleanseConfig):
+        import tensorflow as tf
+
+        self.tf = tf
+        self.config = config
+        self.forward = forward
+        self.from_logits = from_logits
+        self.size = size
+        h, w, c = x.shape[1:]
+        self.image_shape = (h, w, c)
+        self.x = tf.constant(x, tf.float32)
+        self.y = tf.constant(y, tf.int32)
+        f32 = tf.float32
+
+        def var(shape, dtype=f32, value=0):
+            return tf.Variable(tf.fill(shape, tf.cast(value, dtype)), trainable=False)
+
+        self.classes = var([size], tf.int32)
+        self.mask_raw = var([size, h, w, 1])
+        self.pattern_raw = var([size, h, w, c])
+        self.m_mask, self.v_mask = var([size, h, w, 1]), var([size, h, w, 1])
+        self.m_pattern, self.v_pattern = var([size, h, w, c]), var([size, h, w, c])
+        self.adam_t = var([size])
+        self.best_mask = var([size, h, w, 1])
+        self.best_pattern = var([size, h, w, c])
+        self.cost = var([size])
+        self.reg_best = var([size], value=np.inf)
+        self.es_reg_best = var([size], value=np.inf)
+        self.set_counter = var([size], tf.int32)
+        self.up_counter = var([size], tf.int32)
+        self.down_counter = var([size], tf.int32)
+        self.es_counter = var([size], tf.int32)
+        self.up_flag = var([size], tf.bool, False)
+        self.down_flag = var([size], tf.bool, False)
+        self.active = var([size], tf.bool, True)
+        self.steps_run = var([size], tf.int32)
+        self.epoch = tf.function(self._epoch, reduce_retracing=True)
+
+    def reset(self, class_ids: np.ndarray, mask0: np.ndarray, pattern0: np.ndarray) -> None:
+        """Start the optimisation of ``class_ids`` from masks and patterns in [0, 1]."""
+        config = self.config
+
+        def to_tanh(v):
+            return np.arctanh((np.clip(v, 0.0, 1.0) - 0.5) * (2 - _EPSILON)).astype(np.float32)
+
+        self.classes.assign(class_ids.astype(np.int32))
+        self.mask_raw.assign(to_tanh(mask0))
+        self.pattern_raw.assign(to_tanh(pattern0))
+        for variable in (
+            self.m_mask,
+            self.v_mask,
+            self.m_pattern,
+            self.v_pattern,
+            self.adam_t,
+            self.best_mask,
+            self.best_pattern,
+            self.set_counter,
+            self.up_counter,
+            self.down_counter,
+            self.es_counter,
+            self.steps_run,
+        ):
+            variable.assign(self.tf.zeros_like(variable))
+        start_cost = 0.0 if config.reset_cost_to_zero else config.init_cost
+        self.cost.assign(np.full(self.size, start_cost, np.float32))
+        self.reg_best.assign(np.full(self.size, np.inf, np.float32))
+        self.es_reg_best.assign(np.full(self.size, np.inf, np.float32))
+        self.up_flag.assign(np.zeros(self.size, bool))
+        self.down_flag.assign(np.zeros(self.size, bool))
+        self.active.assign(np.ones(self.size, bool))
+
+    # -- pieces of the epoch (traced inside tf.function)
+
+    def _squash(self, raw):
+        return self.tf.tanh(raw) / (2 - _EPSILON) + 0.5
+
+    def _mask_norm(self, mask):
+        tf = self.tf
+        if self.config.regularization == "l2":
+            return tf.sqrt(tf.reduce_sum(tf.square(mask), axis=[1, 2, 3]))
+        return tf.reduce_sum(tf.abs(mask), axis=[1, 2, 3])
+
+    def _cross_entropy(self, scores, targets):
+        """(A, B) cross-entropy of scores (A, B, K) to each row's target."""
+        tf = self.tf
+        labels = tf.broadcast_to(targets[:, None], tf.shape(scores)[:2])
+        if self.from_logits:
+            return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=scores)
+        probs = tf.clip_by_value(scores, _EPSILON, 1.0 - _EPSILON)
+        probs = probs / tf.reduce_sum(probs, axis=-1, keepdims=True)
+        return -tf.math.log(tf.gather(probs, labels, batch_dims=2))
+
+    def _adam(self, ids, raw, grad, m_var, v_var, t):
+        tf = self.tf
+        c = self.config
+        m = c.beta_1 * tf.gather(m_var, ids) + (1 - c.beta_1) * grad
+        v = c.beta_2 * tf.gather(v_var, ids) + (1 - c.beta_2) * tf.square(grad)
+        rate = c.learning_rate * tf.sqrt(1 - c.beta_2**t) / (1 - c.beta_1**t)
+        new = raw - rate[:, None, None, None] * m / (tf.sqrt(v) + _EPSILON)
+        m_var.scatter_nd_update(ids[:, None], m)
+        v_var.scatter_nd_update(ids[:, None], v)
+        return new
+
+    def _epoch(self, batches):
+        """One epoch: ``batches`` (M, B) image indices, then the schedule of every active class."""
+        tf = self.tf
+        c = self.config
+        h, w, ch = self.image_shape
+        ids = tf.cast(tf.where(self.active)[:, 0], tf.int32)  # active rows of this group
+        targets = tf.gather(self.classes, ids)
+        count = tf.shape(ids)[0]
+        hits = tf.zeros([count])
+        seen = tf.zeros([count])
+        reg_sum = tf.zeros([count])
+        t = tf.gather(self.adam_t, ids)
+        for i in tf.range(tf.shape(batches)[0]):
+            x = tf.gather(self.x, batches[i])
+            weight = tf.cast(tf.gather(self.y, batches[i])[None, :] != targets[:, None], tf.float32)
+            mask_raw = tf.gather(self.mask_raw, ids)
+            pattern_raw = tf.gather(self.pattern_raw, ids)
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch([mask_raw, pattern_raw])
+                mask = self._squash(mask_raw)  # (A, H, W, 1)
+                pattern = self._squash(pattern_raw)  # (A, H, W, C)
+                stamped = x[None] * (1 - mask[:, None]) + (mask * pattern)[:, None]
+                scores = self.forward(tf.reshape(stamped, [-1, h, w, ch]), training=False)
+                scores = tf.reshape(tf.cast(scores, tf.float32), [count, -1, tf.shape(scores)[-1]])
+                ce = self._cross_entropy(scores, targets)
+                share = tf.maximum(tf.reduce_sum(weight, axis=1), 1.0)
+                reg = self._mask_norm(mask)
+                cost = tf.gather(self.cost, ids)
+                loss = tf.reduce_sum(tf.reduce_sum(weight * ce, axis=1) / share + cost * reg)
+            grad_mask, grad_pattern = tape.gradient(loss, [mask_raw, pattern_raw])
+            correct = tf.cast(
+                tf.argmax(scores, axis=-1, output_type=tf.int32) == targets[:, None], tf.float32
+            )
+            hits += tf.reduce_sum(weight * correct, axis=1)
+            seen += tf.reduce_sum(weight, axis=1)
+            reg_sum += reg
+            t += 1.0
+            new_mask = self._adam(ids, mask_raw, grad_mask, self.m_mask, self.v_mask, t)
+            new_pattern = self._adam(
+                ids, pattern_raw, grad_pattern, self.m_pattern, self.v_pattern, t
+            )
+            self.mask_raw.scatter_nd_update(ids[:, None], new_mask)
+            self.pattern_raw.scatter_nd_update(ids[:, None], new_pattern)
+        self.adam_t.scatter_nd_update(ids[:, None], t)
+        batches_run = tf.cast(tf.shape(batches)[0], tf.float32)
+
+        def full(values, fill=0.0):  # (A,) -> (size,), rows not active get ``fill``
+            base = tf.fill([self.size], tf.cast(fill, values.dtype))
+            return tf.tensor_scatter_nd_update(base, ids[:, None], values)
+
+        active = self.active.value()
+        acc = full(hits / tf.maximum(seen, 1.0))
+        reg = full(reg_sum / batches_run)
+        success = acc >= c.attack_success_threshold
+
+        # the best trigger so far: the smallest norm among successful epochs
+        improved = active & success & (reg < self.reg_best)
+        mask_now = self._squash(self.mask_raw)
+        pattern_now = self._squash(self.pattern_raw)
+        self.best_mask.assign(tf.where(improved[:, None, None, None], mask_now, self.best_mask))
+        self.best_pattern.assign(
+            tf.where(improved[:, None, None, None], pattern_now, self.best_pattern)
+        )
+        reg_best = tf.where(improved, reg, self.reg_best)
+        self.reg_best.assign(reg_best)
+
+        # early stop: the cost went up and down, and the best norm stalled
+        stop = tf.zeros_like(active)
+        if c.early_stop:
+            stalled = reg_best >= c.early_stop_threshold * self.es_reg_best
+            found = reg_best < np.inf
+            es_counter = tf.where(
+                active & found, tf.where(stalled, self.es_counter + 1, 0), self.es_counter
+            )
+            self.es_counter.assign(es_counter)
+            self.es_reg_best.assign(
+                tf.where(active, tf.minimum(reg_best, self.es_reg_best), self.es_reg_best)
+            )
+            stop = active & self.up_flag & self.down_flag & (es_counter >= c.early_stop_patience)
+        moving = active & ~stop
+
+        # the adaptive cost, as in the original: set, then up or down
+        cost = self.cost.value()
+        up_counter, down_counter = self.up_counter.value(), self.down_counter.value()
+        up_flag, down_flag = self.up_flag.value(), self.down_flag.value()
+        waiting = (cost == 0.0) & success
+        set_counter = tf.where(waiting, self.set_counter + 1, 0)
+        do_set = waiting & (set_counter >= c.patience)
+        cost = tf.where(do_set, tf.cast(c.init_cost, tf.float32), cost)
+        up_counter = tf.where(do_set, 0, up_counter)
+        down_counter = tf.where(do_set, 0, down_counter)
+        up_flag = up_flag & ~do_set
+        down_flag = down_flag & ~do_set
+        up_counter = tf.where(success, up_counter + 1, 0)
+        down_counter = tf.where(success, 0, down_counter + 1)
+        go_up = up_counter >= c.patience
+        go_down = ~go_up & (down_counter >= c.patience)
+        up_counter = tf.where(go_up, 0, up_counter)
+        down_counter = tf.where(go_down, 0, down_counter)
+        cost = tf.where(go_up, cost * c.cost_multiplier_up, cost)
+        cost = tf.where(go_down, cost / c.cost_multiplier_down, cost)
+        up_flag = up_flag | go_up
+        down_flag = down_flag | go_down
+        for variable, value in (
+            (self.cost, cost),
+            (self.set_counter, set_counter),
+            (self.up_counter, up_counter),
+            (self.down_counter, down_counter),
+            (self.up_flag, up_flag),
+            (self.down_flag, down_flag),
+        ):
+            variable.assign(tf.where(moving, value, variable))
+        self.steps_run.assign_add(tf.cast(active, tf.int32))
+        self.active.assign(moving)
+        return tf.reduce_sum(tf.cast(moving, tf.int32)), acc, reg
+
+    def results(self) -> tuple[np.ndarray, ...]:
+        """(masks (size, H, W), patterns, found, steps run) after the optimisation."""
+        found = self.reg_best.numpy() < np.inf
+        keep = found[:, None, None, None]
+        masks = np.where(keep, self.best_mask.numpy(), self._squash(self.mask_raw).numpy())
+        patterns = np.where(keep, self.best_pattern.numpy(), self._squash(self.pattern_raw).numpy())
+        return (
+            np.clip(masks[..., 0], 0.0, 1.0).astype(np.float32),
+            np.clip(patterns, 0.0, 1.0).astype(np.float32),
+            found,
+            self.steps_run.numpy().astype(np.int64),
+        )
+
+
+def _batch_schedule(n: int, batch: int, mini_batches: int, steps: int, seed: int):
+    """Yields (mini_batches, batch) image indices per epoch: shuffled passes over the images."""
+    rng = np.random.default_rng([seed, 0])
+    pending = np.zeros(0, np.int64)
+    need = mini_batches * batch
+    for _ in range(steps):
+        while len(pending) < need:
+            pending = np.concatenate([pending, rng.permutation(n)])
+        yield pending[:need].reshape(mini_batches, batch).astype(np.int32)
+        pending = pending[need:]
+
+
+def _initial_triggers(classes: np.ndarray, shape: tuple[int, int, int], seed: int):
+    """Uniform random starts as the original draws them, one generator per class."""
+    h, w, c = shape
+    masks, patterns = [], []
+    for k in classes:  # host-side set-up, once per class; not in the optimisation
+        rng = np.random.default_rng([seed, 1, int(k)])
+        masks.append(rng.random((h, w, 1)))
+        patterns.append(rng.random((h, w, c)))
+    return np.stack(masks).astype(np.float32), np.stack(patterns).astype(np.float32)
+
+
+def _attack_success(forward, masks, patterns, x, y, batch: int = 256) -> np.ndarray:
+    """(K,) share of ``x`` (without class k's own images if labelled) each trigger sends to k."""
+    import tensorflow as tf
+
+    k = len(masks)
+    m = tf.constant(masks[..., None])
+    p = tf.constant(patterns)
+    targets = tf.range(k, dtype=tf.int32)
+
+    @tf.function(reduce_retracing=True)
+    def count(xb, yb):
+        stamped = xb[None] * (1 - m[:, None]) + (m * p)[:, None]
+        scores = forward(tf.reshape(stamped, [-1, *xb.shape[1:]]), training=False)
+        labels = tf.reshape(tf.argmax(scores, axis=-1, output_type=tf.int32), [k, -1])
+        weight = tf.cast(yb[None, :] != targets[:, None], tf.float32)
+        hits = tf.cast(labels == targets[:, None], tf.float32) * weight
+        return tf.reduce_sum(hits, axis=1), tf.reduce_sum(weight, axis=1)
+
+    hits, seen = np.zeros(k), np.zeros(k)
+    for start in range(0, len(x), batch):
+        h, s = count(tf.constant(x[start : start + batch]), tf.constant(y[start : start + batch]))
+        hits += h.numpy()
+        seen += s.numpy()
+    return hits / np.maximum(seen, 1.0)
+
+
+def reverse_engineer(model, x_clean, config: NeuralCleanseConfig | None = None, *, y_clean=None):
+    """Reverse-engineer a trigger for every class of ``model`` and run the MAD outlier test.
+
+    Args:
+        model: a Keras classifier on (H, W, C) inputs in [0, 1], ending in a
+            softmax or giving logits (detected).
+        x_clean: (N, H, W, C) clean images in [0, 1].
+        config: the optimisation (default :class:`NeuralCleanseConfig`).
+        y_clean: (N,) labels of ``x_clean``; when given, class k's own
+            images are left out of its loss and success rate.
+
+    Returns:
+        A :class:`NeuralCleanseResult`.
+
+    Raises:
+        UserError: images that do not fit the model, or bad labels.
+    """
+    import tensorflow as tf
+
+    config = config or NeuralCleanseConfig()
+    if not isinstance(config, NeuralCleanseConfig):
+        raise TypeError("config must be a NeuralCleanseConfig")
+    x = np.asarray(x_clean, dtype=np.float32)
+    input_shape = tuple(model.input_shape[1:])
+    if x.ndim != 4 or len(x) == 0 or tuple(x.shape[1:]) != input_shape:
+        raise UserError(
+            f"clean images of shape {x.shape} do not fit the model's input {input_shape}; "
+            "expected (N, H, W, C) with N >= 1"
+        )
+    num_classes = int(model.output_shape[-1])
+    if y_clean is None:
+        y = np.full(len(x), -1, np.int32)
+    else:
+        y = np.asarray(y_clean).reshape(-1)
+        if len(y) != len(x) or (len(y) and (y.min() < 0 or y.max() >= num_classes)):
+            raise UserError(
+                f"y_clean must hold {len(x)} labels in 0..{num_classes - 1}, got shape {y.shape}"
+            )
+        y = y.astype(np.int32)
+    batch = min(config.batch_size, len(x))
+    mini_batches = config.mini_batches or max(1, len(x) // batch)
+    chunk = min(config.class_chunk or num_classes, num_classes)
+    forward, from_logits = _forward(model)
+    log.info(
+        "Neural Cleanse: %d classes in groups of %d, %d images, %d epochs of %d x %d, %s",
+        num_classes,
+        chunk,
+        len(x),
+        config.steps,
+        mini_batches,
+        batch,
+        "logits" if from_logits else "probabilities",
+    )
+    started = time.perf_counter()
+    masks, patterns, found, class_steps = [], [], [], []
+    groups: dict[int, _ClassGroup] = {}
+    for first in range(0, num_classes, chunk):  # independent groups of classes
+        ids = np.arange(first, min(first + chunk, num_classes))
+        if len(ids) not in groups:
+            groups[len(ids)] = _ClassGroup(forward, from_logits, x, y, len(ids), config)
+        group = groups[len(ids)]
+        group.reset(ids, *_initial_triggers(ids, x.shape[1:], config.seed))
+        schedule = _batch_schedule(len(x), batch, mini_batches, config.steps, config.seed)
+        for step, batches in enumerate(schedule):
+            remaining, acc, reg = group.epoch(tf.constant(batches))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("epoch %d: success %s, norm %s", step, acc.numpy(), reg.numpy())
+            if step % 10 == 0:
+                log.info("classes %d-%d, epoch %d: %d active", ids[0], ids[-1], step, remaining)
+            if int(remaining) == 0:
+                break
+        group_masks, group_patterns, group_found, group_steps = group.results()
+        masks.append(group_masks)
+        patterns.append(group_patterns)
+        found.append(group_found)
+        class_steps.append(group_steps)
+    seconds = time.perf_counter() - started
+    masks_all = np.concatenate(masks)
+    patterns_all = np.concatenate(patterns)
+    l1 = masks_all.reshape(num_classes, -1).astype(np.float64).sum(axis=1)
+    indices = anomaly_indices(l1)
+    steps_all = np.concatenate(class_steps)
+    success = _attack_success(forward, masks_all, patterns_all, x, y)
+    result = NeuralCleanseResult(
+        masks=masks_all,
+        patterns=patterns_all,
+        l1_norms=l1,
+        anomaly_indices=indices,
+        flagged=_flagged(l1, indices),
+        attack_success=success,
+        steps=int(steps_all.max()),
+        seconds=seconds,
+        class_steps=steps_all,
+        found=np.concatenate(found),
+        config=dataclasses.asdict(config),
+    )
+    log.info(
+        "Neural Cleanse: %.1f s, flagged %s, most suspicious %d",
+        seconds,
+        list(result.flagged),
+        result.most_suspicious(),
+    )
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def save_trigger_figure(result: NeuralCleanseResult, path: str | os.PathLike) -> Path:
+    """A PNG of every class's reversed trigger (mask x pattern), titled with its anomaly index."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = result.num_classes
+    cols = min(k, 10)
+    rows = math.ceil(k / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    fusion = result.masks[..., None] * result.patterns
+    flagged = set(result.flagged)
+    for ax in axes.flat:
+        ax.axis("off")
+    for cls, ax in zip(range(k), axes.flat, strict=False):
+        image = fusion[cls]
+        if image.shape[-1] == 1:
+            ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(np.clip(image, 0, 1))
+        index = result.anomaly_indices[cls]
+        mark = " *" if cls in flagged else ""
+        ax.set_title(f"{cls}: AI {index:.2f}{mark}", fontsize=8, color="red" if mark else "black")
+    fig.suptitle("Neural Cleanse reversed triggers (mask x pattern); * flagged", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    path = Path(path)
+    _atomic_write(path, buffer.getvalue())
+    return path
+
+
+def add_command(subparsers) -> None:
+    """Add ``neural-cleanse`` to ``python -m attacks``."""
+    parser = subparsers.add_parser(
+        "neural-cleanse",
+        help="reverse-engineer a trigger per class and flag backdoored classes (Wang et al. 2019)",
+        description="Neural Cleanse (Wang et al., IEEE S&P 2019) on a user's .keras model: "
+        "writes the mask L1 norms, anomaly indices and flagged classes as JSON and a PNG of "
+        "the reversed triggers beside it.",
+    )
+    parser.add_argument("--model", required=True, help="the suspect model (.keras, safe mode)")
+    parser.add_argument("--dataset", required=True, help="dataset the clean images come from")
+    parser.add_argument("--data-dir", default=None, help="directory holding the dataset")
+    parser.add_argument("--n-clean", type=int, default=1000, help="clean test images (1000)")
+    parser.add_argument(
+        "--steps", type=int, default=NeuralCleanseConfig.steps, help="maximum epochs (1000)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="result JSON (the PNG goes beside it)")
+    parser.set_defaults(handler=_command)
+
+
+def _command(args) -> int:
+    import models
+
+    if args.n_clean < 1:
+        raise UserError(f"bad --n-clean {args.n_clean!r}; expected an integer >= 1")
+    config = NeuralCleanseConfig(steps=args.steps, seed=args.seed)
+    model = models.load_model(args.model)
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UserError(f"model '{args.model}' must have one input and one output")
+    data = models.load(
+        args.dataset, data_dir=args.data_dir, max_test=args.n_clean, max_train=100, seed=args.seed
+    )
+    input_shape = tuple(model.input_shape[1:])
+    if input_shape != tuple(data.input_shape):
+        raise UserError(
+            f"model '{args.model}' takes inputs of shape {input_shape} but {args.dataset} images "
+            f"are {tuple(data.input_shape)}; pick the dataset the model was trained on"
+        )
+    num_classes = int(model.output_shape[-1])
+    if num_classes != data.num_classes:
+        raise UserError(
+            f"model '{args.model}' has {num_classes} outputs but {args.dataset} has "
+            f"{data.num_classes} classes"
+        )
+    result = reverse_engineer(model, data.x_test, config, y_clean=data.y_test)
+    median = float(np.median(result.l1_norms))
+    print(f"Neural Cleanse on {args.model}: {len(data.x_test)} clean {args.dataset} test images")
+    print(f"  {'class':>5} {'L1 norm':>9} {'anomaly':>8} {'success':>8}")
+    for k in range(result.num_classes):
+        mark = "  flagged" if k in result.flagged else ""
+        print(
+            f"  {k:>5} {result.l1_norms[k]:9.2f} {result.anomaly_indices[k]:8.2f} "
+            f"{result.attack_success[k]:8.3f}{mark}"
+        )
+    flagged = ", ".join(map(str, result.flagged)) or "none"
+    print(
+        f"  median L1 {median:.2f}; flagged (index > {FLAG_THRESHOLD:g}, below the median): "
+        f"{flagged}; most suspicious: {result.most_suspicious()}; "
+        f"{result.steps} epochs in {result.seconds:.1f} s"
+    )
+    if args.out:
+        out = Path(args.out)
+        result.save_json(out)
+        figure = save_trigger_figure(result, out.with_suffix(".png"))
+        print(f"  wrote {out} and {figure}")
+    return 0
