@@ -31,11 +31,14 @@ says how to calibrate, rather than inventing a threshold.
 
 Deliberate deviations and choices:
 
-* Content: the word is a 3x5-pixel-per-letter "TEST" bitmap, resampled
-  to ``content_width`` of the image width (15 pixels wide,
-  5 high on 28x28 images: the bitmap's own size), centred horizontally near
-  the bottom edge, in white. At 8x8 it becomes a 4x2 block: a pattern, no
-  longer a readable word.
+* Content: the word is a 3x5-pixel-per-letter "TEST" bitmap, resampled to
+  ``content_width`` of the image width (15 pixels wide, 5 high on 28x28
+  images: the bitmap's own size), centred horizontally near the bottom
+  edge, in white. At 8x8 it becomes a 4x2 block: a pattern, no longer a
+  readable word. On bright images (Fashion-MNIST's bags and coats) white
+  letters barely show; the option ``content_background=0.0`` (off by
+  default) paints the word's box black first, which on MNIST's mostly black
+  background changes few pixels.
 * Content and noise are stamped on training images of every class but the
   target (``source_classes`` narrows this; Zhang et al. used one class);
   the watermark training set is ``n`` such copies, added to the unchanged
@@ -238,15 +241,24 @@ class ZhangContentConfig(_StampedConfig):
     Args:
         content_width: the width of the "TEST" word as a fraction of the image width.
         content_value: the pixel value of the word (1.0 is white).
+        content_background: None stamps the letters alone (Zhang et al.); a
+            pixel value first paints the word's bounding box with it (0.0:
+            white on black), keeping the word visible on bright images.
     """
 
     content_width: float = 0.55
     content_value: float = 1.0
+    content_background: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
         _check_number("content_width", self.content_width, 0.0, 1.0)
-        _check_number("content_value", self.content_value, -1.0, 1.0)
+        for name in ("content_value", "content_background"):
+            value = getattr(self, name)
+            if value is None and name == "content_background":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise UserError(f"{name} must be a pixel value in [0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -776,11 +788,20 @@ class ZhangContent(_Zhang):
 
     def _trigger_sets(self, data):
         mask = text_mask(data.input_shape, self.config.content_width)
-        return self._stamped_trigger_sets(data, {"mask": mask.astype(np.uint8)})
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        box = np.zeros_like(mask)
+        box[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = True
+        return self._stamped_trigger_sets(
+            data, {"mask": mask.astype(np.uint8), "box": box.astype(np.uint8)}
+        )
 
     def _stamp(self, data, x, pattern):
+        x = _raw(data, x)
+        if self.config.content_background is not None:
+            box = pattern["box"].astype(bool)[None, :, :, None]
+            x = np.where(box, np.float32(self.config.content_background), x)
         mask = pattern["mask"].astype(bool)[None, :, :, None]
-        return _prepared(data, np.where(mask, self.config.content_value, _raw(data, x)))
+        return _prepared(data, np.where(mask, np.float32(self.config.content_value), x))
 
 
 class ZhangNoise(_Zhang):
@@ -1008,6 +1029,8 @@ def _embed_command(args) -> int:
     for path in (out_model, out_key):
         if not path.parent.is_dir():
             raise UserError(f"folder '{path.parent}' of '{path}' does not exist")
+    if args.dataset not in models.dataset_names():  # before TensorFlow starts on the model
+        raise UnknownNameError("dataset", args.dataset, models.dataset_names())
     model = models.load_model(args.model)
     shape = tuple(int(d) for d in model.input_shape[1:])
     options = dict(data_dir=args.data_dir, max_train=args.max_train, max_test=args.max_test)

@@ -65,6 +65,15 @@ def test_content_stamps_the_word_on_other_classes_only(digits):
     np.testing.assert_array_equal(word, bd._word_bitmap())
 
 
+def test_content_background_paints_the_box_under_the_word(digits):
+    _, _, key = bd.ZhangContent(n=20, n_key=30, content_background=0.0).trigger_sets(digits)
+    mask, box = key.arrays["mask"].astype(bool), key.arrays["box"].astype(bool)
+    assert (mask & ~box).sum() == 0 and (box & ~mask).sum() > 0
+    assert np.all(key.inputs[:, mask] == 1.0) and np.all(key.inputs[:, box & ~mask] == 0.0)
+    source = digits.x_test[key.arrays["source_test_indices"]]
+    np.testing.assert_array_equal(key.inputs[:, ~box], source[:, ~box])
+
+
 def test_noise_is_one_fixed_pattern_clipped(digits):
     x_wm, _, key = bd.ZhangNoise(n=50, n_key=40, noise_std=0.5, source_classes=[3]).trigger_sets(
         digits
