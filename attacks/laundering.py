@@ -403,3 +403,104 @@ class Laundering(RemovalAttack):
     def remove(self, model: keras.Model, data, **options) -> keras.Model:
         """The laundered copy of ``model`` (see :meth:`run`)."""
         return self.run(model, data, **options).model
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_command(subparsers) -> None:
+    """Add ``launder`` to ``python -m attacks``."""
+    parser = subparsers.add_parser(
+        "launder",
+        help="remove a backdoor watermark by Neural Network Laundering (Aiken et al. 2021)",
+        description="Neural Network Laundering on a user's .keras model, as a black-box "
+        "adversary holding a small labelled share of the dataset's training split; writes the "
+        "laundered model and prints test accuracy before and after.",
+    )
+    parser.add_argument("--model", required=True, help="the watermarked model (.keras, safe mode)")
+    parser.add_argument("--dataset", required=True, help="the dataset the model was trained on")
+    parser.add_argument("--data-dir", default=None, help="directory holding the dataset")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--fraction", type=float, default=None, help="share of the training split")
+    size.add_argument("--per-class", type=int, default=None, help="images per class")
+    parser.add_argument("--rounds", type=int, default=1, help="laundering rounds (1)")
+    parser.add_argument("--dense-threshold", type=float, default=LaunderingConfig.dense_threshold)
+    parser.add_argument("--conv-threshold", type=float, default=LaunderingConfig.conv_threshold)
+    parser.add_argument(
+        "--reset-scope", choices=SCOPES, default="all", help="second_half for deep ResNets"
+    )
+    parser.add_argument("--retrain-epochs", type=int, default=LaunderingConfig.retrain_epochs)
+    parser.add_argument(
+        "--nc-steps", type=int, default=NeuralCleanseConfig.steps, help="Neural Cleanse epochs"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="where to write the laundered .keras model")
+    parser.set_defaults(handler=_command)
+
+
+def _command(args) -> int:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import models
+
+    out = Path(args.out)
+    if out.suffix != ".keras":
+        raise UserError(f"--out '{out}' must end in .keras")
+    if not out.parent.is_dir():
+        raise UserError(f"folder '{out.parent}' of --out does not exist")
+    if args.fraction is not None and not 0 < args.fraction <= 1:
+        raise UserError(f"bad --fraction {args.fraction!r}; expected a number in (0, 1]")
+    if args.per_class is not None and args.per_class < 1:
+        raise UserError(f"bad --per-class {args.per_class!r}; expected an integer >= 1")
+    fraction = 0.006 if args.fraction is None and args.per_class is None else args.fraction
+    config = LaunderingConfig(
+        rounds=args.rounds,
+        dense_threshold=args.dense_threshold,
+        conv_threshold=args.conv_threshold,
+        reset_scope=args.reset_scope,
+        retrain_epochs=args.retrain_epochs,
+        neural_cleanse=NeuralCleanseConfig(steps=args.nc_steps, seed=args.seed),
+        seed=args.seed,
+    )
+    model = models.load_model(args.model)
+    data = models.load(
+        args.dataset,
+        data_dir=args.data_dir,
+        fraction=fraction,
+        per_class=args.per_class,
+        seed=args.seed,
+    )
+    if tuple(model.input_shape[1:]) != tuple(data.input_shape):
+        raise UserError(
+            f"model '{args.model}' takes inputs of shape {tuple(model.input_shape[1:])} but "
+            f"{args.dataset} images are {tuple(data.input_shape)}"
+        )
+    if int(model.output_shape[-1]) != data.num_classes:
+        raise UserError(
+            f"model '{args.model}' has {model.output_shape[-1]} outputs but {args.dataset} has "
+            f"{data.num_classes} classes"
+        )
+    before = evaluate_accuracy(model, data.x_test, data.y_test)
+    result = Laundering(config).run(model, data, cache=False)
+    after = evaluate_accuracy(result.model, data.x_test, data.y_test)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".keras")
+    os.close(fd)
+    try:
+        result.model.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    print(f"adversary's data: {len(data.y_train)} labelled {args.dataset} training images")
+    for report in result.rounds:
+        print(
+            f"round {report.round}: suspect class {report.suspect} (anomaly index "
+            f"{report.anomaly_indices[report.suspect]:.2f}), least likely {report.least_likely}, "
+            f"reset {sum(report.reset_units.values())} of {sum(report.units.values())} units"
+        )
+    if result.stopped_early:
+        print("stopped early: the first suspect class became the least likely")
+    print(f"test accuracy: {before:.4f} before, {after:.4f} after laundering")
+    print(f"wrote {out}")
+    return 0

@@ -143,3 +143,62 @@ def test_laundering_removes_a_planted_backdoor_without_the_key(backdoored, digit
 def test_laundering_refuses_images_of_another_shape(backdoored):
     with pytest.raises(UserError, match="shape"):
         Laundering().run(backdoored, (np.zeros((4, 28, 28, 1)), np.zeros(4, dtype=np.int64)))
+
+
+@pytest.fixture(scope="module")
+def foreign_model(tmp_path_factory, digits):
+    """A Keras model the suite did not make: plain Sequential, trained with model.fit."""
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(24, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits.x_train, digits.y_train, epochs=3, verbose=0)
+    path = tmp_path_factory.mktemp("foreign") / "suspect.keras"
+    model.save(path)
+    return path
+
+
+def test_launder_command_on_a_foreign_model(foreign_model, tmp_path, capsys):
+    from attacks.cli import main
+
+    out = tmp_path / "laundered.keras"
+    argv = ["launder", "--model", str(foreign_model), "--dataset", "digits", "--per-class", "5"]
+    argv += ["--nc-steps", "3", "--retrain-epochs", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy:" in printed and "before" in printed
+    laundered = models.load_model(out)
+    assert laundered.input_shape == (None, 8, 8, 1)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset", "fashion_mnist"], "inputs of shape"),
+        (["--dataset", "cifar"], "unknown dataset 'cifar'"),
+        (["--dataset", "digits", "--fraction", "2"], "bad --fraction"),
+    ],
+)
+def test_launder_command_bad_input_exits_2(foreign_model, tmp_path, capsys, extra, message):
+    from attacks.cli import main
+
+    argv = ["launder", "--model", str(foreign_model), "--out", str(tmp_path / "x.keras"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "x.keras").exists()
+
+
+def test_launder_command_missing_model_exits_2(tmp_path, capsys):
+    from attacks.cli import main
+
+    argv = ["launder", "--model", str(tmp_path / "nope.keras"), "--dataset", "digits"]
+    assert main([*argv, "--out", str(tmp_path / "x.keras")]) == 2
+    assert "does not exist" in capsys.readouterr().err
