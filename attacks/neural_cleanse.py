@@ -511,16 +511,14 @@ class _ClassGroup:
         probs = probs / tf.reduce_sum(probs, axis=-1, keepdims=True)
         return -tf.math.log(tf.gather(probs, labels, batch_dims=2))
 
-    def _adam(self, ids, raw, grad, m_var, v_var, t):
+    def _adam(self, raw, grad, m, v, t):
+        """One Adam step of (A, ...) parameters with per-row step counts ``t`` (A,)."""
         tf = self.tf
         c = self.config
-        m = c.beta_1 * tf.gather(m_var, ids) + (1 - c.beta_1) * grad
-        v = c.beta_2 * tf.gather(v_var, ids) + (1 - c.beta_2) * tf.square(grad)
+        m = c.beta_1 * m + (1 - c.beta_1) * grad
+        v = c.beta_2 * v + (1 - c.beta_2) * tf.square(grad)
         rate = c.learning_rate * tf.sqrt(1 - c.beta_2**t) / (1 - c.beta_1**t)
-        new = raw - rate[:, None, None, None] * m / (tf.sqrt(v) + _EPSILON)
-        m_var.scatter_nd_update(ids[:, None], m)
-        v_var.scatter_nd_update(ids[:, None], v)
-        return new
+        return raw - rate[:, None, None, None] * m / (tf.sqrt(v) + _EPSILON), m, v
 
     def _epoch(self, batches):
         """One epoch: ``batches`` (M, B) image indices, then the schedule of every active class."""
@@ -533,12 +531,16 @@ class _ClassGroup:
         hits = tf.zeros([count])
         seen = tf.zeros([count])
         reg_sum = tf.zeros([count])
+        cost = tf.gather(self.cost, ids)  # fixed during an epoch, as in the original
+        # the active rows' parameters and Adam state travel through the loop as tensors
         t = tf.gather(self.adam_t, ids)
+        mask_raw = tf.gather(self.mask_raw, ids)
+        pattern_raw = tf.gather(self.pattern_raw, ids)
+        m_mask, v_mask = tf.gather(self.m_mask, ids), tf.gather(self.v_mask, ids)
+        m_pattern, v_pattern = tf.gather(self.m_pattern, ids), tf.gather(self.v_pattern, ids)
         for i in tf.range(tf.shape(batches)[0]):
             x = tf.gather(self.x, batches[i])
             weight = tf.cast(tf.gather(self.y, batches[i])[None, :] != targets[:, None], tf.float32)
-            mask_raw = tf.gather(self.mask_raw, ids)
-            pattern_raw = tf.gather(self.pattern_raw, ids)
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch([mask_raw, pattern_raw])
                 mask = self._squash(mask_raw)  # (A, H, W, 1)
@@ -549,7 +551,6 @@ class _ClassGroup:
                 ce = self._cross_entropy(scores, targets)
                 share = tf.maximum(tf.reduce_sum(weight, axis=1), 1.0)
                 reg = self._mask_norm(mask)
-                cost = tf.gather(self.cost, ids)
                 loss = tf.reduce_sum(tf.reduce_sum(weight * ce, axis=1) / share + cost * reg)
             grad_mask, grad_pattern = tape.gradient(loss, [mask_raw, pattern_raw])
             correct = tf.cast(
@@ -559,13 +560,21 @@ class _ClassGroup:
             seen += tf.reduce_sum(weight, axis=1)
             reg_sum += reg
             t += 1.0
-            new_mask = self._adam(ids, mask_raw, grad_mask, self.m_mask, self.v_mask, t)
-            new_pattern = self._adam(
-                ids, pattern_raw, grad_pattern, self.m_pattern, self.v_pattern, t
+            mask_raw, m_mask, v_mask = self._adam(mask_raw, grad_mask, m_mask, v_mask, t)
+            pattern_raw, m_pattern, v_pattern = self._adam(
+                pattern_raw, grad_pattern, m_pattern, v_pattern, t
             )
-            self.mask_raw.scatter_nd_update(ids[:, None], new_mask)
-            self.pattern_raw.scatter_nd_update(ids[:, None], new_pattern)
-        self.adam_t.scatter_nd_update(ids[:, None], t)
+        rows = ids[:, None]
+        for variable, value in (
+            (self.adam_t, t),
+            (self.mask_raw, mask_raw),
+            (self.pattern_raw, pattern_raw),
+            (self.m_mask, m_mask),
+            (self.v_mask, v_mask),
+            (self.m_pattern, m_pattern),
+            (self.v_pattern, v_pattern),
+        ):
+            variable.scatter_nd_update(rows, value)
         batches_run = tf.cast(tf.shape(batches)[0], tf.float32)
 
         def full(values, fill=0.0):  # (A,) -> (size,), rows not active get ``fill``
