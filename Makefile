@@ -38,7 +38,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 bench: setup
-	$(PY) bench/train_overhead.py
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

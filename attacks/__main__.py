@@ -4,7 +4,7 @@ import os
 import sys
 
 os.environ.setdefault(
-    "TF_CPP_MIN_LOG_LEVEL", "2"
+    "TF_CPP_MIN_LOG_LEVEL", "3"
 )  # keep TensorFlow's C++ start-up chatter off stderr
 
 from attacks.cli import main  # noqa: E402
