@@ -1,0 +1,319 @@
+"""The fingerprint interface: ``Fingerprints`` (saved as ``.npz``), ``Verification``, ``Fingerprint``.
+
+A fingerprint is a set of inputs on which the owner's (source) model and the
+models derived from it (surrogates) give the same, unusual labels, while
+independently trained (reference) models do not. A scheme is one subclass of
+:class:`Fingerprint` with a frozen config dataclass (``Config``) and a
+snake_case ``name``; defining the subclass registers it, so :func:`get` finds
+it by name and :func:`verify` finds the scheme of a saved file.
+
+:class:`Fingerprints` is what the owner keeps: the fingerprint inputs, the
+originals they were made from, the source model's labels on both, the
+perturbation bound and the scheme's metadata (JSON, including the decision
+threshold). It is written as ``.npz`` without pickle, so a file received from
+someone else can be read safely.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from models.errors import UnknownNameError, UserError
+
+__all__ = [
+    "Fingerprint",
+    "Fingerprints",
+    "Verification",
+    "get",
+    "names",
+    "options",
+    "verify",
+]
+
+_REGISTRY: dict[str, type[Fingerprint]] = {}
+_FIELDS = ("scheme", "inputs", "originals", "labels", "original_labels", "eps", "metadata")
+_FORMAT = "wmsuite-fingerprints/1"
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """A model's fingerprints.
+
+    Attributes:
+        scheme: the registered name of the scheme that made them.
+        inputs: float32 fingerprint inputs, NHWC, shaped like the model's input
+            (in the model's own input scale, e.g. centred pixels).
+        originals: the float32 images the inputs were made from.
+        labels: int64 labels the source model gives the inputs; a suspect
+            model that gives the same labels behaves like the source.
+        original_labels: int64 labels the source model gives the originals.
+        eps: the L-infinity bound of ``inputs - originals``.
+        metadata: JSON-serialisable facts (config, threshold, data, ...).
+        arrays: further named numeric arrays (one value per fingerprint, ...).
+    """
+
+    scheme: str
+    inputs: np.ndarray
+    originals: np.ndarray
+    labels: np.ndarray
+    original_labels: np.ndarray
+    eps: float
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self):
+        inputs = np.asarray(self.inputs, dtype=np.float32)
+        originals = np.asarray(self.originals, dtype=np.float32)
+        labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        original_labels = np.asarray(self.original_labels, dtype=np.int64).reshape(-1)
+        if inputs.ndim != 4:
+            raise UserError(f"fingerprint inputs must be NHWC images; got shape {inputs.shape}")
+        if originals.shape != inputs.shape:
+            raise UserError(
+                f"fingerprint originals have shape {originals.shape}; expected {inputs.shape}"
+            )
+        if not len(labels) == len(original_labels) == len(inputs):
+            raise UserError(
+                f"{len(inputs)} fingerprints but {len(labels)} labels and "
+                f"{len(original_labels)} original labels"
+            )
+        eps = float(self.eps)
+        if not (math.isfinite(eps) and eps >= 0):
+            raise UserError(f"fingerprint eps must be a non-negative number, got {self.eps!r}")
+        for name in self.arrays:
+            if name in _FIELDS or name == "format" or not name.isidentifier():
+                raise ValueError(
+                    f"fingerprint array name {name!r} is reserved or not an identifier"
+                )
+        json.dumps(dict(self.metadata))  # fail now, not when saving
+        object.__setattr__(self, "inputs", inputs)
+        object.__setattr__(self, "originals", originals)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "original_labels", original_labels)
+        object.__setattr__(self, "eps", eps)
+        object.__setattr__(self, "metadata", dict(self.metadata))
+        object.__setattr__(self, "arrays", {k: np.asarray(v) for k, v in self.arrays.items()})
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def threshold(self) -> float:
+        """The surrogate/reference decision threshold on CAEAcc kept in the metadata (NaN if none)."""
+        value = self.metadata.get("threshold")
+        return float(value) if isinstance(value, int | float) else math.nan
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the fingerprints to ``path`` (``.npz``, no pickle) atomically."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise UserError(f"fingerprint file '{path}' must end in .npz")
+        if not path.parent.is_dir():
+            raise UserError(f"folder '{path.parent}' of fingerprint file '{path}' does not exist")
+        for name, value in self.arrays.items():
+            if value.dtype == object:
+                raise ValueError(f"fingerprint array {name!r} has dtype object, which needs pickle")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
+        os.close(fd)
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(
+                    handle,
+                    format=np.array(_FORMAT),
+                    scheme=np.array(self.scheme),
+                    inputs=self.inputs,
+                    originals=self.originals,
+                    labels=self.labels,
+                    original_labels=self.original_labels,
+                    eps=np.array(self.eps, dtype=np.float64),
+                    metadata=np.array(json.dumps(self.metadata, sort_keys=True)),
+                    **self.arrays,
+                )
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Fingerprints:
+        """Read fingerprints written by :meth:`save`; never unpickles.
+
+        Raises:
+            UserError: the file is missing, not a fingerprint file, or corrupt.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"fingerprint file '{path}' does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                contents = {name: archive[name] for name in archive.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise UserError(f"cannot read fingerprint file '{path}': {str(exc)[:200]}") from None
+        if str(contents.pop("format", "")) != _FORMAT:
+            raise UserError(
+                f"'{path}' is not a fingerprint file (made by 'python -m fingerprints generate')"
+            )
+        missing = [name for name in _FIELDS if name not in contents]
+        if missing:
+            raise UserError(f"fingerprint file '{path}' lacks {', '.join(missing)}")
+        try:
+            values = {name: contents.pop(name) for name in _FIELDS}
+            values["scheme"] = str(values["scheme"])
+            values["eps"] = float(values["eps"])
+            values["metadata"] = json.loads(str(values["metadata"]))
+            if not isinstance(values["metadata"], dict):
+                raise ValueError("metadata is not a JSON object")
+            return cls(**values, arrays=contents)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"fingerprint file '{path}' is malformed: {str(exc)[:200]}") from None
+
+    def check_fits(self, model) -> None:
+        """Raise ``UserError`` if the fingerprints do not fit ``model``'s input and output."""
+        expected = tuple(model.input_shape[1:])
+        got = tuple(self.inputs.shape[1:])
+        if expected != got:
+            raise UserError(
+                f"fingerprints have shape {got} but the model expects {expected}; "
+                "they were made for a model of another input shape"
+            )
+        classes = model.output_shape[-1]
+        if len(self) and max(self.labels.max(), self.original_labels.max()) >= classes:
+            raise UserError(
+                f"fingerprint labels reach {max(self.labels.max(), self.original_labels.max())} "
+                f"but the model has {classes} classes"
+            )
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of checking a suspect model against fingerprints.
+
+    Attributes:
+        scheme: the scheme's registered name.
+        accuracy: the share of fingerprints on which the suspect gives the
+            source model's label (CAEAcc for conferrable adversarial examples).
+        threshold: the decision threshold on ``accuracy``, chosen when the
+            fingerprints were made.
+        fingerprints: how many fingerprints were checked.
+        surrogate: the verdict: ``accuracy >= threshold``, the suspect behaves
+            like a model derived from the source.
+        verdict: the verdict in words, for people.
+    """
+
+    scheme: str
+    accuracy: float
+    threshold: float
+    fingerprints: int
+    surrogate: bool
+    verdict: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def options(cls: type, values: Mapping[str, Any]):
+    """Build frozen dataclass ``cls`` from ``values``, refusing keys it does not have."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
+            f"expected some of: {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise UserError(f"bad options for {cls.__name__}: {exc}") from None
+
+
+class Fingerprint(abc.ABC):
+    """A fingerprinting scheme: ``generate`` makes fingerprints, ``verify`` scores a suspect.
+
+    Subclasses set ``name`` (snake_case, registers the scheme) and ``Config``
+    (a frozen dataclass validated in ``__post_init__``).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is None:
+            return  # an abstract intermediate class
+        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
+            raise ValueError(f"fingerprint scheme {name!r} is registered twice")
+        _REGISTRY[name] = cls
+
+    def __init__(self, config=None, **values):
+        if config is not None and values:
+            raise TypeError("pass either a config or options, not both")
+        if config is None:
+            config = options(self.Config, values)
+        elif not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}")
+        self.config = config
+
+    @abc.abstractmethod
+    def generate(self, source, surrogates, references, x, **kwargs) -> Fingerprints:
+        """Make fingerprints of ``source`` from candidate inputs ``x``.
+
+        Args:
+            source: the owner's model.
+            surrogates: models derived from the source (trained on its labels).
+            references: models trained independently on the ground truth.
+            x: candidate inputs the fingerprints start from.
+            **kwargs: what the scheme needs besides (valid input range, ...).
+
+        Returns:
+            The :class:`Fingerprints`, with the decision threshold in the metadata.
+        """
+
+    @abc.abstractmethod
+    def verify(self, model, fingerprints: Fingerprints, *, batch_size: int = 256) -> Verification:
+        """Score a suspect ``model`` against ``fingerprints``."""
+
+
+def _load_schemes() -> None:
+    """Import the scheme modules so that they register (lazily: TensorFlow is slow to import)."""
+    import importlib
+
+    importlib.import_module("fingerprints.cae")
+
+
+def names() -> list[str]:
+    """The registered scheme names."""
+    _load_schemes()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[Fingerprint]:
+    """The scheme class registered as ``name``."""
+    _load_schemes()
+    if name not in _REGISTRY:
+        raise UnknownNameError("fingerprint scheme", name, _REGISTRY)
+    return _REGISTRY[name]
+
+
+def verify(model, fingerprints: Fingerprints, *, batch_size: int = 256) -> Verification:
+    """Verify ``model`` against ``fingerprints`` with the scheme that made them.
+
+    The scheme's config is rebuilt from ``fingerprints.metadata['config']`` where present.
+    """
+    cls = get(fingerprints.scheme)
+    fingerprints.check_fits(model)
+    config = fingerprints.metadata.get("config")
+    scheme = cls(options(cls.Config, config)) if isinstance(config, dict) else cls()
+    return scheme.verify(model, fingerprints, batch_size=batch_size)
