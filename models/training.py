@@ -408,9 +408,9 @@ def train(
         cache_tag: goes into the cache key; give one whenever ``callbacks``
             or the model's own ``train_step`` change what training produces.
         callbacks: extra Keras callbacks, run after the suite's own (the
-            checkpoint of an epoch is written before they see its end). A
-            value a callback adds to an epoch's ``logs`` (see
-            :class:`EpochMetric`) is kept in the history, also in the cache.
+            checkpoint of an epoch is written before they see its end). The
+            value an :class:`EpochMetric` adds to an epoch's ``logs`` is kept
+            in the history, also in the cache.
         verbose: Keras progress (default: a bar on a terminal, a line per
             epoch otherwise).
 
@@ -461,7 +461,14 @@ def train(
         epochs=config.epochs,
         validation_data=validation,
         shuffle=True,
-        callbacks=[*_callbacks(config, backup_dir, validated=n_val > 0), *callbacks, run_log],
+        # EpochMetric values must be in the logs before the run log keeps them; every other
+        # callback sees the epoch only once its history is on disk (a kill there loses nothing)
+        callbacks=[
+            *_callbacks(config, backup_dir, validated=n_val > 0),
+            *(c for c in callbacks if isinstance(c, EpochMetric)),
+            run_log,
+            *(c for c in callbacks if not isinstance(c, EpochMetric)),
+        ],
         verbose=_progress_verbosity() if verbose is None else verbose,
     )
     shutil.rmtree(backup_dir, ignore_errors=True)  # BackupAndRestore leaves the run log
