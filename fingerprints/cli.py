@@ -21,6 +21,13 @@ from models.errors import EXIT_USER_ERROR, UserError
 log = logging.getLogger("fingerprints")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line and exits 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see --help\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -155,9 +162,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fingerprints", description=__doc__.split("\n")[0]
-    )
+    parser = _Parser(prog="python -m fingerprints", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -235,6 +235,7 @@ def test_user_errors_exit_2_with_one_line(generated, user_model, tmp_path, capsy
     assert not (tmp_path / "f.npz").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter imports TensorFlow: tens of seconds on a busy CPU
 def test_entry_point_prints_one_line_on_error(tmp_path):
     result = subprocess.run(
         [

@@ -26,7 +26,10 @@ def test_attack_names():
         attack_class("pdg")
 
 
-@pytest.mark.parametrize("method", ["fgsm", "bim", "pgd", "cw", "art:FastGradientMethod"])
+@pytest.mark.parametrize(
+    "method",
+    ["fgsm", "bim", "pgd", pytest.param("cw", marks=pytest.mark.slow), "art:FastGradientMethod"],
+)
 def test_examples_respect_each_bound(setup, method):
     families, x = setup
     source = families.source.model

@@ -114,7 +114,9 @@ def test_second_build_comes_from_the_cache(families, digits):
         )
 
 
-@pytest.mark.parametrize("extraction", ["copycat", "knockoff"])
+@pytest.mark.parametrize(
+    "extraction", ["copycat", pytest.param("knockoff", marks=pytest.mark.slow)]
+)
 def test_art_extraction_makes_cached_surrogates(digits, families, extraction):
     config = FamilyConfig(
         architectures=("_tiny_cnn",),
