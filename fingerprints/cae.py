@@ -557,15 +557,16 @@ class CAE(Fingerprint):
             max_conferrability=float(scores.conferrability.max(initial=0.0)),
             generation_caeacc={"surrogates": surrogate_accs, "references": reference_accs},
         )
+        rule = f"conferrability >= {config.min_conferrability:.2f}" if keep is None else "chosen"
         log.info(
-            "CAE: %d of %d candidates adversarial, %d kept (conferrability >= %.2f, highest "
-            "%.3f); threshold %s",
+            "CAE: %d of %d candidates adversarial, %d kept (%s; highest conferrability %.3f); "
+            "threshold %.3f",
             scores.adversarial.sum(),
             len(x),
             kept.sum(),
-            config.min_conferrability,
+            rule,
             scores.conferrability.max(initial=0.0),
-            f"{threshold:.3f}",
+            threshold,
         )
         return dataclasses.replace(fingerprints, metadata=facts)
 
