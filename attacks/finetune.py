@@ -80,16 +80,28 @@ class FineTuneConfig:
         )
 
 
+def layers_named(model: keras.Model, names: Sequence[str]) -> list[keras.layers.Layer]:
+    """The layers of ``model`` called ``names``; a missing one is a ``UserError`` listing them all."""
+    found = {layer.name: layer for layer in model.layers}
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise UserError(
+            f"model {model.name!r} has no layer {missing[0]!r}; its layers: {', '.join(found)}"
+        )
+    return [found[name] for name in names]
+
+
+def train_only(model: keras.Model, names: Sequence[str]) -> None:
+    """Freeze every layer of ``model`` but those called ``names``, in place."""
+    keep = set(names)
+    for layer in model.layers:
+        layer.trainable = layer.name in keep
+
+
 def output_layers(model: keras.Model, names: Sequence[str] = ()) -> list[keras.layers.Layer]:
     """The layers ``names`` of ``model``; by default its ``logits`` layer or last weighted layer."""
     if names:
-        found = {layer.name: layer for layer in model.layers}
-        missing = [name for name in names if name not in found]
-        if missing:
-            raise UserError(
-                f"model {model.name!r} has no layer {missing[0]!r}; its layers: {', '.join(found)}"
-            )
-        return [found[name] for name in names]
+        return layers_named(model, names)
     for layer in model.layers:
         if layer.name == "logits" and layer.weights:
             return [layer]
@@ -130,9 +142,7 @@ class FineTune(RemovalAttack):
             for layer in last:
                 reinitialise(layer, config.seed)
         if config.variant.endswith("ll"):
-            keep = {layer.name for layer in last}
-            for layer in copy.layers:
-                layer.trainable = layer.name in keep
+            train_only(copy, [layer.name for layer in last])
         return copy
 
     def run(

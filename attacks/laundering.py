@@ -439,17 +439,9 @@ def add_command(subparsers) -> None:
 
 
 def _command(args) -> int:
-    import os
-    import tempfile
-    from pathlib import Path
-
     import models
 
-    out = Path(args.out)
-    if out.suffix != ".keras":
-        raise UserError(f"--out '{out}' must end in .keras")
-    if not out.parent.is_dir():
-        raise UserError(f"folder '{out.parent}' of --out does not exist")
+    out = models.loading.output_path(args.out, ".keras")
     if args.fraction is not None and not 0 < args.fraction <= 1:
         raise UserError(f"bad --fraction {args.fraction!r}; expected a number in (0, 1]")
     if args.per_class is not None and args.per_class < 1:
@@ -465,33 +457,19 @@ def _command(args) -> int:
         seed=args.seed,
     )
     model = models.load_model(args.model)
-    data = models.load(
+    data = models.load_for_model(
         args.dataset,
+        model,
+        resize=False,
         data_dir=args.data_dir,
         fraction=fraction,
         per_class=args.per_class,
         seed=args.seed,
     )
-    if tuple(model.input_shape[1:]) != tuple(data.input_shape):
-        raise UserError(
-            f"model '{args.model}' takes inputs of shape {tuple(model.input_shape[1:])} but "
-            f"{args.dataset} images are {tuple(data.input_shape)}"
-        )
-    if int(model.output_shape[-1]) != data.num_classes:
-        raise UserError(
-            f"model '{args.model}' has {model.output_shape[-1]} outputs but {args.dataset} has "
-            f"{data.num_classes} classes"
-        )
     before = evaluate_accuracy(model, data.x_test, data.y_test)
     result = Laundering(config).run(model, data, cache=False)
     after = evaluate_accuracy(result.model, data.x_test, data.y_test)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".keras")
-    os.close(fd)
-    try:
-        result.model.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    models.save_model(result.model, out)
     print(f"adversary's data: {len(data.y_train)} labelled {args.dataset} training images")
     for report in result.rounds:
         print(

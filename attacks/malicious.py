@@ -56,6 +56,7 @@ import keras
 import numpy as np
 
 from attacks.base import RemovalAttack, clone
+from attacks.finetune import layers_named, train_only
 from models.errors import UserError
 from models.training import TrainConfig, TrainResult, default_cache_dir, train
 
@@ -318,15 +319,8 @@ class MaliciousFineTune(RemovalAttack):
         if self.config.layers == "all":
             return copy, [layer.name for layer in copy.layers]
         names = list(self.config.last_layers) or last_layers(copy)
-        known = {layer.name for layer in copy.layers}
-        missing = [name for name in names if name not in known]
-        if missing:
-            raise UserError(
-                f"model {model.name!r} has no layer {missing[0]!r}; its layers: {', '.join(sorted(known))}"
-            )
-        keep = set(names)
-        for layer in copy.layers:
-            layer.trainable = layer.name in keep
+        layers_named(copy, names)  # every name must exist
+        train_only(copy, names)
         return copy, names
 
     def run(
@@ -406,28 +400,11 @@ def _command(args) -> int:
     import models
     from models.training import EpochMetric, evaluate_accuracy
 
-    out = Path(args.out)
-    if out.suffix != ".keras":
-        raise UserError(f"--out '{out}' must end in .keras")
-    if not out.parent.is_dir():
-        raise UserError(f"folder '{out.parent}' of '{out}' does not exist")
+    out = models.loading.output_path(args.out, ".keras")
     model = models.load_model(args.model)
-    shape = tuple(int(d) for d in model.input_shape[1:])
-    options = dict(data_dir=args.data_dir, max_train=args.max_train, seed=args.seed)
-    data = models.load(args.dataset, **options)
-    if data.input_shape != shape:
-        native = data.input_shape
-        data = models.load(
-            args.dataset,
-            **options,
-            size=shape[0] if shape[:2] != native[:2] else None,
-            channels=shape[2] if shape[2] != native[2] else None,
-        )
-    if data.num_classes != int(model.output_shape[-1]):
-        raise UserError(
-            f"dataset '{args.dataset}' has {data.num_classes} classes but the model outputs "
-            f"{int(model.output_shape[-1])}"
-        )
+    data = models.load_for_model(
+        args.dataset, model, data_dir=args.data_dir, max_train=args.max_train, seed=args.seed
+    )
     overrides = dict(
         layers=args.layers,
         epochs=args.epochs,
@@ -452,13 +429,7 @@ def _command(args) -> int:
         key.check_fits(model)
         callbacks.append(EpochMetric("key_accuracy", lambda m: verify_key(m, key).accuracy))
     run = MaliciousFineTune(config).run(model, data, callbacks=callbacks)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".keras")
-    os.close(fd)
-    try:
-        run.model.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    models.save_model(run.model, out)
     print(f"layers trained:     {config.layers} ({len(run.trained_layers)} layers)")
     print(
         f"optimizer:          {config.optimizer} {config.learning_rate:g}, {config.epochs} epochs"

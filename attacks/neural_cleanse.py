@@ -884,21 +884,15 @@ def _command(args) -> int:
     model = models.load_model(args.model)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UserError(f"model '{args.model}' must have one input and one output")
-    data = models.load(
-        args.dataset, data_dir=args.data_dir, max_test=args.n_clean, max_train=100, seed=args.seed
+    data = models.load_for_model(
+        args.dataset,
+        model,
+        resize=False,
+        data_dir=args.data_dir,
+        max_test=args.n_clean,
+        max_train=100,
+        seed=args.seed,
     )
-    input_shape = tuple(model.input_shape[1:])
-    if input_shape != tuple(data.input_shape):
-        raise UserError(
-            f"model '{args.model}' takes inputs of shape {input_shape} but {args.dataset} images "
-            f"are {tuple(data.input_shape)}; pick the dataset the model was trained on"
-        )
-    num_classes = int(model.output_shape[-1])
-    if num_classes != data.num_classes:
-        raise UserError(
-            f"model '{args.model}' has {num_classes} outputs but {args.dataset} has "
-            f"{data.num_classes} classes"
-        )
     result = reverse_engineer(model, data.x_test, config, y_clean=data.y_test)
     median = float(np.median(result.l1_norms))
     print(f"Neural Cleanse on {args.model}: {len(data.x_test)} clean {args.dataset} test images")

@@ -33,7 +33,8 @@ import numpy as np
 
 from attacks.base import RemovalAttack
 from models.errors import UserError
-from watermarks.base import Key, check_config
+from models.registry import build_config
+from watermarks.base import Key
 from watermarks.bilevel import BiLevel, BiLevelConfig
 
 __all__ = ["Overwrite", "OverwriteConfig", "OverwriteResult"]
@@ -84,7 +85,7 @@ class OverwriteConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UserError(f"seed must be a non-negative integer, got {self.seed!r}")
         if isinstance(self.scheme, dict):
-            object.__setattr__(self, "scheme", check_config(BiLevelConfig, self.scheme))
+            object.__setattr__(self, "scheme", build_config(BiLevelConfig, self.scheme))
         elif not isinstance(self.scheme, BiLevelConfig):
             raise UserError(f"scheme must be a BiLevelConfig or a dict, got {self.scheme!r}")
 

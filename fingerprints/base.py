@@ -30,7 +30,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from models.errors import UnknownNameError, UserError
+from models.errors import UserError
+from models.registry import Configured, Registry
 
 __all__ = [
     "Fingerprint",
@@ -38,11 +39,10 @@ __all__ = [
     "Verification",
     "get",
     "names",
-    "options",
     "verify",
 ]
 
-_REGISTRY: dict[str, type[Fingerprint]] = {}
+REGISTRY = Registry("fingerprint scheme", ("fingerprints.cae",))
 _FIELDS = ("scheme", "inputs", "originals", "labels", "original_labels", "eps", "metadata")
 _FORMAT = "wmsuite-fingerprints/1"
 
@@ -223,48 +223,14 @@ class Verification:
         return dataclasses.asdict(self)
 
 
-def options(cls: type, values: Mapping[str, Any]):
-    """Build frozen dataclass ``cls`` from ``values``, refusing keys it does not have."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
-            f"expected some of: {', '.join(sorted(known))}"
-        )
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise UserError(f"bad options for {cls.__name__}: {exc}") from None
-
-
-class Fingerprint(abc.ABC):
+class Fingerprint(Configured, abc.ABC):
     """A fingerprinting scheme: ``generate`` makes fingerprints, ``verify`` scores a suspect.
 
     Subclasses set ``name`` (snake_case, registers the scheme) and ``Config``
     (a frozen dataclass validated in ``__post_init__``).
     """
 
-    name: ClassVar[str]
-    Config: ClassVar[type]
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        name = cls.__dict__.get("name")
-        if name is None:
-            return  # an abstract intermediate class
-        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
-            raise ValueError(f"fingerprint scheme {name!r} is registered twice")
-        _REGISTRY[name] = cls
-
-    def __init__(self, config=None, **values):
-        if config is not None and values:
-            raise TypeError("pass either a config or options, not both")
-        if config is None:
-            config = options(self.Config, values)
-        elif not isinstance(config, self.Config):
-            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}")
-        self.config = config
+    registry: ClassVar[Registry] = REGISTRY
 
     @abc.abstractmethod
     def generate(self, source, surrogates, references, x, **kwargs) -> Fingerprints:
@@ -286,25 +252,14 @@ class Fingerprint(abc.ABC):
         """Score a suspect ``model`` against ``fingerprints``."""
 
 
-def _load_schemes() -> None:
-    """Import the scheme modules so that they register (lazily: TensorFlow is slow to import)."""
-    import importlib
-
-    importlib.import_module("fingerprints.cae")
-
-
 def names() -> list[str]:
     """The registered scheme names."""
-    _load_schemes()
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def get(name: str) -> type[Fingerprint]:
     """The scheme class registered as ``name``."""
-    _load_schemes()
-    if name not in _REGISTRY:
-        raise UnknownNameError("fingerprint scheme", name, _REGISTRY)
-    return _REGISTRY[name]
+    return REGISTRY.get(name)
 
 
 def verify(model, fingerprints: Fingerprints, *, batch_size: int = 256) -> Verification:
@@ -312,8 +267,7 @@ def verify(model, fingerprints: Fingerprints, *, batch_size: int = 256) -> Verif
 
     The scheme's config is rebuilt from ``fingerprints.metadata['config']`` where present.
     """
-    cls = get(fingerprints.scheme)
-    fingerprints.check_fits(model)
     config = fingerprints.metadata.get("config")
-    scheme = cls(options(cls.Config, config)) if isinstance(config, dict) else cls()
+    scheme = REGISTRY.create(fingerprints.scheme, config if isinstance(config, dict) else None)
+    fingerprints.check_fits(model)
     return scheme.verify(model, fingerprints, batch_size=batch_size)

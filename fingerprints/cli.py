@@ -12,20 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-from pathlib import Path
 
-from models.errors import EXIT_USER_ERROR, UserError
+from models.cli import command_parser, run
+from models.errors import UserError
 
 log = logging.getLogger("fingerprints")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line and exits 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see --help\n")
 
 
 def _positive_int(text: str) -> int:
@@ -36,26 +28,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
-
-
-def _data_for(model, args):
-    """The dataset, resized and coloured to fit the model's input."""
-    import models
-
-    shape = tuple(model.input_shape[1:]) if isinstance(model.input_shape, tuple) else ()
-    if len(shape) != 3 or not all(isinstance(d, int) for d in shape) or shape[0] != shape[1]:
-        raise UserError(
-            f"model '{args.model}' takes inputs of shape {shape}; expected square images (H, H, C)"
-        )
-    size, _, channels = shape
-    return models.load(
-        args.dataset,
-        data_dir=args.data_dir,
-        size=size,
-        channels=channels,
-        center=args.center,
-        seed=args.seed,
-    )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -69,14 +41,14 @@ def _generate(args: argparse.Namespace) -> int:
         input_range,
         pick_candidates,
     )
-    from models import load_model
+    from models import load_for_model, load_model
+    from models.loading import output_path
     from models.training import TrainConfig
 
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise UserError(f"--out '{out}' must end in .npz")
-    if not out.parent.is_dir():
-        raise UserError(f"folder '{out.parent}' of --out '{out}' does not exist")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+
+    out = output_path(args.out, ".npz")
     cae = CaeConfig(
         eps=args.eps,
         iterations=args.iterations,
@@ -86,7 +58,9 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     source = load_model(args.model)
-    data = _data_for(source, args)
+    data = load_for_model(
+        args.dataset, source, data_dir=args.data_dir, center=args.center, seed=args.seed
+    )
     if source.output_shape[-1] != data.num_classes:
         raise UserError(
             f"model '{args.model}' has {source.output_shape[-1]} outputs but {args.dataset} "
@@ -162,9 +136,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m fingerprints", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, commands = command_parser("python -m fingerprints", __doc__.split("\n")[0])
 
     gen = commands.add_parser(
         "generate", help="fingerprint a model with conferrable adversarial examples"
@@ -225,18 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)  # a usage error exits 2, as argparse does
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
-    )
-    try:
-        if getattr(args, "seed", 0) < 0:
-            raise UserError(f"--seed must be >= 0, got {args.seed}")
-        return int(args.handler(args) or 0)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,10 @@ def _import_tensorflow_quietly() -> None:
 _import_tensorflow_quietly()
 
 from models.art import to_art  # noqa: E402
-from models.datasets import Dataset, DatasetUnavailable, load  # noqa: E402
+from models.datasets import Dataset, DatasetUnavailable, load, load_for_model  # noqa: E402
 from models.datasets import names as dataset_names  # noqa: E402
 from models.errors import UnknownNameError, UserError  # noqa: E402
-from models.loading import load_model  # noqa: E402
+from models.loading import load_model, save_model  # noqa: E402
 from models.training import TrainConfig, TrainResult, seed_everything, train  # noqa: E402
 from models.zoo import build, names, register  # noqa: E402
 
@@ -54,9 +54,11 @@ __all__ = [
     "build",
     "dataset_names",
     "load",
+    "load_for_model",
     "load_model",
     "names",
     "register",
+    "save_model",
     "seed_everything",
     "to_art",
     "train",

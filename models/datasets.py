@@ -32,6 +32,7 @@ Deliberate choices:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import logging
@@ -55,7 +56,7 @@ from models.errors import UnknownNameError, UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEBIAN_FASHION_DIR", "Dataset", "DatasetUnavailable", "load", "names"]
+__all__ = ["DEBIAN_FASHION_DIR", "Dataset", "DatasetUnavailable", "load", "load_for_model", "names"]
 
 #: Where the Debian package `dataset-fashion-mnist` installs its IDX files.
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -175,6 +176,30 @@ class Dataset:
             cached = h.hexdigest()
             object.__setattr__(self, "_digest", cached)  # a cache, not state: arrays are read-only
         return cached
+
+    def subset(
+        self,
+        *,
+        fraction: float | None = None,
+        per_class: int | None = None,
+        max_train: int | None = None,
+        seed: int = 0,
+    ) -> Dataset:
+        """This dataset with a seeded, class-stratified part of its training split.
+
+        The same selection :func:`load` makes with these options (on the full
+        training set, the same images for the same seed); the test split is kept.
+        """
+        if self.name in _SPECS:
+            _check_options(self.name, _SPECS[self.name], None, None, fraction, per_class,
+                           max_train, None, seed)  # fmt: skip
+        idx = _train_subset(self.y_train, self.num_classes, fraction, per_class, max_train, seed)
+        if idx is None:
+            return self
+        x, y = _take(self.x_train, self.y_train, idx)
+        x = np.ascontiguousarray(x)
+        x.flags.writeable = y.flags.writeable = False
+        return dataclasses.replace(self, x_train=x, y_train=y)
 
     # Field-wise equality would compare arrays element-wise and fail; two
     # datasets are equal when their content is.
@@ -296,6 +321,50 @@ def load(
 
 
 # --- argument checks -------------------------------------------------------------
+
+
+def load_for_model(name: str, model, *, resize: bool = True, **options: Any) -> Dataset:
+    """Dataset ``name`` shaped for ``model``'s input and checked against its outputs.
+
+    With ``resize``, images are resized and grey ones repeated over three
+    channels to fit the model (as the CAE report feeds Fashion-MNIST to
+    32x32x3 models); without it a different shape is an error. Either way
+    the dataset is read once.
+
+    Args:
+        name: one of :func:`names`.
+        model: a Keras classifier with (H, W, C) image inputs.
+        resize: fit the images to the model's input.
+        **options: further :func:`load` options (``data_dir``, subsets, ``seed``, ...).
+
+    Raises:
+        UnknownNameError: ``name`` is not a dataset.
+        UserError: the images cannot be shaped for the model, or the model's
+            number of outputs differs from the dataset's classes.
+    """
+    if name not in _SPECS:
+        raise UnknownNameError("dataset", name, names())
+    shape = tuple(model.input_shape[1:]) if isinstance(model.input_shape, tuple) else ()
+    if len(shape) != 3 or not all(isinstance(d, int) for d in shape):
+        raise UserError(f"the model takes inputs of shape {shape}; expected images (H, W, C)")
+    native = _SPECS[name].image_shape
+    size = channels = None
+    if resize and shape != native:
+        if shape[0] != shape[1]:
+            raise UserError(f"the model takes inputs of shape {shape}; only square images resize")
+        size = shape[0] if shape[:2] != native[:2] else None
+        channels = shape[2] if shape[2] != native[2] else None
+    data = load(name, size=size, channels=channels, **options)
+    if data.input_shape != shape:
+        raise UserError(
+            f"the model takes inputs of shape {shape} but {name} images are {data.input_shape}"
+        )
+    outputs = int(model.output_shape[-1])
+    if outputs != data.num_classes:
+        raise UserError(
+            f"the model has {outputs} outputs but {name} has {data.num_classes} classes"
+        )
+    return data
 
 
 def _is_int(value: object) -> bool:

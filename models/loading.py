@@ -1,4 +1,4 @@
-"""Opening a user's model file: Keras 3 ``.keras`` only, always with ``safe_mode``.
+"""Opening a user's model file (``.keras`` only, always ``safe_mode``) and writing one atomically.
 
 A model handed to a verifier may be hostile. A ``.keras`` file is a zip of a
 JSON config and weights; the only way it can run code on load is a layer that
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -95,3 +96,30 @@ def load_model(path: str | os.PathLike, *, compile: bool = False) -> keras.Model
         raise UserError(f"model file '{path}' does not hold a Keras model")
     log.info("loaded %s (%s, %d parameters)", path, model.name, model.count_params())
     return model
+
+
+def output_path(path: str | os.PathLike, suffix: str, option: str = "--out") -> Path:
+    """``path`` as a Path, if it ends in ``suffix`` and its folder exists; else a ``UserError``.
+
+    Commands call this before any work, so a bad output path fails in one line
+    and leaves nothing behind.
+    """
+    path = Path(path)
+    if path.suffix != suffix:
+        raise UserError(f"{option} '{path}' must end in {suffix}")
+    if not path.parent.is_dir():
+        raise UserError(f"folder '{path.parent}' of {option} '{path}' does not exist")
+    return path
+
+
+def save_model(model: keras.Model, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` (``.keras``) atomically: a temporary file, then a rename."""
+    path = output_path(path, ".keras", "model file")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

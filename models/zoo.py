@@ -145,6 +145,13 @@ def build(
     return model
 
 
+def copy_model(model: keras.Model) -> keras.Model:
+    """An independent copy of ``model`` with the same weights (and no optimizer state)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def model_name(name: str) -> str:
     """The ``keras.Model.name`` of registry model ``name``: the name itself, less a leading "_".
 

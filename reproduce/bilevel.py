@@ -37,10 +37,10 @@ from attacks.finetune import FineTune, FineTuneConfig, with_data
 from attacks.overwrite import Overwrite, OverwriteConfig
 from attacks.pruning import magnitude_prune
 from models.errors import UserError
+from models.registry import build_config
 from models.training import EpochMetric, TrainConfig, evaluate_accuracy
 from reproduce import zoo
 from reproduce.report import Run, save_figure
-from watermarks.base import check_config
 from watermarks.bilevel import BiLevel, BiLevelConfig, hypergradient_cosine, r_auth
 
 log = logging.getLogger(__name__)
@@ -583,7 +583,7 @@ def _variants(
         a = accuracy(marked_model)
         if overwritten is None and name in OVERWRITTEN_VARIANTS:
             # the adversary uses the same method as the owner: the variant's own scheme
-            same = check_config(BiLevelConfig, meta["config"])
+            same = build_config(BiLevelConfig, meta["config"])
             attack = dataclasses.replace(
                 overwrite, setting="all", keys=len(marked_key), scheme=same
             )

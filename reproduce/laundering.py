@@ -104,6 +104,8 @@ class Part:
 
 @dataclass(frozen=True)
 class LaunderingRunConfig:
+    """One run; the defaults are the paper's data sizes and protocol (Table 2, section 6)."""
+
     preset: str
     seed: int
     cache: bool
@@ -111,27 +113,23 @@ class LaunderingRunConfig:
     zhang: tuple[Part, ...]
     adi: tuple[Part, ...]
     adi_pt_train: TrainConfig
-    adi_k: int
     zhang_images: int
-    max_train: int | None
-    max_test: int | None
-    zhang_fraction: float
-    adi_fraction: float
-    pruning_fraction: float
     pruning: PruningConfig
     fine_pruning: FinePruningConfig
     rtal: FineTuneConfig
     zhang_laundering: LaunderingConfig
     adi_laundering: LaunderingConfig
-    curve_fractions: tuple[float | str, ...]
     curve_watermarks: tuple[str, ...]
     curve_rounds: int
     adi_curve_rounds: int
     scratch_train: TrainConfig
-
-
-def _nc(steps: int) -> NeuralCleanseConfig:
-    return NeuralCleanseConfig(steps=steps)
+    adi_k: int = 2
+    max_train: int | None = None
+    max_test: int | None = None
+    zhang_fraction: float = 0.006
+    adi_fraction: float = 0.108
+    pruning_fraction: float = 0.166
+    curve_fractions: tuple[float | str, ...] = (0.108, 0.06, 0.006, PER_CLASS)
 
 
 def make_config(
@@ -145,19 +143,15 @@ def make_config(
     """Resolve a preset into the run's configuration."""
     if dataset is not None and dataset not in models.dataset_names():
         raise models.UnknownNameError("dataset", dataset, models.dataset_names())
+    run = dict(preset=preset, seed=seed, cache=cache, data_dir=data_dir)
     if preset == "smoke":
         train = TrainConfig(epochs=2, batch_size=64, seed=seed)
-        zhang = (Part(dataset or "fashion_mnist", "zhang_mnist", train),)
-        adi = (Part(dataset or "fashion_mnist", "_tiny_cnn", train),)
+        nc = NeuralCleanseConfig(steps=3)
         return LaunderingRunConfig(
-            preset=preset,
-            seed=seed,
-            cache=cache,
-            data_dir=data_dir,
-            zhang=zhang,
-            adi=adi,
+            **run,
+            zhang=(Part(dataset or "fashion_mnist", "zhang_mnist", train),),
+            adi=(Part(dataset or "fashion_mnist", "_tiny_cnn", train),),
             adi_pt_train=dataclasses.replace(train, epochs=1),
-            adi_k=2,
             zhang_images=60,
             max_train=600,
             max_test=200,
@@ -167,35 +161,30 @@ def make_config(
             pruning=PruningConfig(0.9, FineTuneConfig(epochs=1, seed=seed)),
             fine_pruning=FinePruningConfig(fine_tune=FineTuneConfig(epochs=1, seed=seed)),
             rtal=FineTuneConfig(variant="rtal", epochs=1, seed=seed),
-            zhang_laundering=LaunderingConfig(retrain_epochs=1, neural_cleanse=_nc(3), seed=seed),
+            zhang_laundering=LaunderingConfig(retrain_epochs=1, neural_cleanse=nc, seed=seed),
             adi_laundering=LaunderingConfig(
-                retrain_epochs=1, neural_cleanse=_nc(3), reset_scope="second_half", seed=seed
+                retrain_epochs=1, neural_cleanse=nc, reset_scope="second_half", seed=seed
             ),
             curve_fractions=(0.05, PER_CLASS),
             curve_watermarks=("content",),
             curve_rounds=2,
             adi_curve_rounds=1,
-            scratch_train=dataclasses.replace(train, epochs=2),
+            scratch_train=train,
         )
     if preset == "quick":
-        zhang_train = TrainConfig.cae(epochs=15, early_stopping_patience=3, seed=seed)
-        adi_train = TrainConfig.cae(epochs=6, early_stopping_patience=3, seed=seed)
         name = dataset or "fashion_mnist"
+        adi_train = TrainConfig.cae(epochs=6, early_stopping_patience=3, seed=seed)
         return LaunderingRunConfig(
-            preset=preset,
-            seed=seed,
-            cache=cache,
-            data_dir=data_dir,
-            zhang=(Part(name, "zhang_mnist", zhang_train),),
+            **run,
+            zhang=(
+                Part(
+                    name, "zhang_mnist", TrainConfig.cae(15, early_stopping_patience=3, seed=seed)
+                ),
+            ),
             adi=(Part(name, "resnet20v1", adi_train, max_train=12000),),
             adi_pt_train=TrainConfig(epochs=3, batch_size=128, learning_rate=5e-4, seed=seed),
             adi_k=16,
             zhang_images=2000,
-            max_train=None,
-            max_test=None,
-            zhang_fraction=0.006,
-            adi_fraction=0.108,
-            pruning_fraction=0.166,
             pruning=PruningConfig(0.9, FineTuneConfig(epochs=5, seed=seed)),
             fine_pruning=FinePruningConfig(fine_tune=FineTuneConfig(epochs=10, seed=seed)),
             rtal=FineTuneConfig(variant="rtal", epochs=5, seed=seed),
@@ -203,14 +192,14 @@ def make_config(
                 dense_threshold=0.75,
                 conv_threshold=0.25,
                 retrain_epochs=10,
-                neural_cleanse=dataclasses.replace(_nc(60), mini_batches=11),
+                neural_cleanse=NeuralCleanseConfig(steps=60, mini_batches=11),
                 seed=seed,
             ),
             adi_laundering=LaunderingConfig(
                 retrain_epochs=5,
                 retrain_batch_size=64,
                 reset_scope="second_half",
-                neural_cleanse=dataclasses.replace(_nc(10), mini_batches=10, batch_size=16),
+                neural_cleanse=NeuralCleanseConfig(steps=10, mini_batches=10, batch_size=16),
                 seed=seed,
             ),
             curve_fractions=(0.006,),
@@ -220,33 +209,21 @@ def make_config(
             scratch_train=TrainConfig.cae(epochs=60, early_stopping_patience=10, seed=seed),
         )
     if preset == "paper":
-        zhang_train = TrainConfig.cae(epochs=50, seed=seed)
         cifar_train = TrainConfig.cae(epochs=200, seed=seed)
-        zhang = (
-            Part(dataset or "mnist", "zhang_mnist", zhang_train),
-            Part(dataset or "cifar10", "zhang_cifar", cifar_train),
-        )
         return LaunderingRunConfig(
-            preset=preset,
-            seed=seed,
-            cache=cache,
-            data_dir=data_dir,
-            zhang=zhang,
+            **run,
+            zhang=(
+                Part(dataset or "mnist", "zhang_mnist", TrainConfig.cae(epochs=50, seed=seed)),
+                Part(dataset or "cifar10", "zhang_cifar", cifar_train),
+            ),
             adi=(Part(dataset or "cifar10", "resnet20v1", cifar_train),),
             adi_pt_train=TrainConfig(epochs=20, batch_size=64, learning_rate=1e-4, seed=seed),
-            adi_k=2,
             zhang_images=1000,
-            max_train=None,
-            max_test=None,
-            zhang_fraction=0.006,
-            adi_fraction=0.108,
-            pruning_fraction=0.166,
             pruning=PruningConfig(0.9, FineTuneConfig(epochs=10, seed=seed)),
             fine_pruning=FinePruningConfig(fine_tune=FineTuneConfig(epochs=10, seed=seed)),
             rtal=FineTuneConfig(variant="rtal", epochs=20, seed=seed),
             zhang_laundering=LaunderingConfig(retrain_epochs=20, seed=seed),
             adi_laundering=LaunderingConfig(reset_scope="second_half", seed=seed),
-            curve_fractions=(0.108, 0.06, 0.006, PER_CLASS),
             curve_watermarks=ZHANG,
             curve_rounds=10,
             adi_curve_rounds=10,
@@ -261,37 +238,16 @@ def make_config(
 def _sample(data: models.Dataset, size: float | str, seed: int) -> models.Dataset:
     """The adversary's labelled set: a share of ``data``'s training split, or one image per class.
 
-    Drawn with ``seed`` (and stratified by class), disjoint from nothing: the
-    adversary's images may be images the owner trained on, as in the paper.
+    Drawn with ``seed``, stratified by class; the adversary's images may be
+    images the owner trained on, as in the paper.
     """
-    rng = np.random.default_rng([seed, 17])
-    y = data.y_train
     if size == PER_CLASS:
-        index = np.array([rng.choice(np.flatnonzero(y == c)) for c in np.unique(y)])
-    else:
-        count = max(data.num_classes, int(round(float(size) * len(y))))
-        per_class = {c: np.flatnonzero(y == c) for c in np.unique(y)}
-        index = np.concatenate(
-            [
-                rng.choice(
-                    members, size=max(1, round(count * len(members) / len(y))), replace=False
-                )
-                for members in per_class.values()
-            ]
-        )
-    index = np.sort(index)
-    return dataclasses.replace(data, x_train=data.x_train[index], y_train=data.y_train[index])
+        return data.subset(per_class=1, seed=seed)
+    return data.subset(fraction=float(size), seed=seed)
 
 
 def _label(size: float | str) -> str:
     return size if isinstance(size, str) else f"{100 * float(size):.1f}%"
-
-
-def _subset(data: models.Dataset, max_train: int | None, seed: int) -> models.Dataset:
-    if max_train is None or max_train >= len(data.y_train):
-        return data
-    index = np.sort(np.random.default_rng([seed, 23]).choice(len(data.y_train), max_train, False))
-    return dataclasses.replace(data, x_train=data.x_train[index], y_train=data.y_train[index])
 
 
 # --------------------------------------------------------------------------- the run
@@ -360,7 +316,7 @@ def _mark_zhang(config, part, data, fig5_rows) -> list[_Marked]:
 
 
 def _mark_adi(config, part, data, fig5_rows) -> list[_Marked]:
-    train_data = _subset(data, part.max_train, config.seed)
+    train_data = data.subset(max_train=part.max_train, seed=config.seed)
     fs = AdiAbstract(AdiConfig(mode="fs", train=part.train, k=config.adi_k, seed=config.seed))
     pt = AdiAbstract(
         AdiConfig(mode="pt", train=config.adi_pt_train, k=config.adi_k, seed=config.seed)

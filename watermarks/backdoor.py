@@ -84,8 +84,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -971,13 +969,6 @@ class AdiAbstract(_Backdoor):
 # --------------------------------------------------------------------------- command line
 
 
-def _save_model_atomically(model: keras.Model, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
-    os.close(fd)
-    model.save(tmp)
-    return Path(tmp)
-
-
 def _scheme_options(args) -> dict[str, Any]:
     """The config values the command line sets, for the chosen scheme."""
     recipe = TrainConfig(
@@ -1015,36 +1006,27 @@ def _scheme_options(args) -> dict[str, Any]:
 
 def _embed_command(args) -> int:
     import models
-    from watermarks.base import check_config, get
+    from models.loading import output_path
+    from models.registry import build_config
+    from watermarks.base import get
 
     if args.scheme not in SCHEMES:
         raise UnknownNameError("backdoor scheme", args.scheme, SCHEMES)
     cls = get(args.scheme)
-    config = check_config(cls.Config, _scheme_options(args))
-    out_model, out_key = Path(args.out_model), Path(args.out_key)
-    if out_model.suffix != ".keras":
-        raise UserError(f"--out-model '{out_model}' must end in .keras")
-    if out_key.suffix != ".npz":
-        raise UserError(f"--out-key '{out_key}' must end in .npz")
-    for path in (out_model, out_key):
-        if not path.parent.is_dir():
-            raise UserError(f"folder '{path.parent}' of '{path}' does not exist")
+    config = build_config(cls.Config, _scheme_options(args))
+    out_model = output_path(args.out_model, ".keras", "--out-model")
+    out_key = output_path(args.out_key, ".npz", "--out-key")
     if args.dataset not in models.dataset_names():  # before TensorFlow starts on the model
         raise UnknownNameError("dataset", args.dataset, models.dataset_names())
     model = models.load_model(args.model)
-    shape = tuple(int(d) for d in model.input_shape[1:])
-    options = dict(data_dir=args.data_dir, max_train=args.max_train, max_test=args.max_test)
-    data = models.load(args.dataset, **options, seed=args.seed)
-    if data.input_shape != shape:  # e.g. Fashion-MNIST for a 32x32x3 model: resize as CAE does
-        native = data.input_shape
-        data = models.load(
-            args.dataset,
-            **options,
-            size=shape[0] if shape[:2] != native[:2] else None,
-            channels=shape[2] if shape[2] != native[2] else None,
-            seed=args.seed,
-        )
-    _check_model_fits(model, data)
+    data = models.load_for_model(
+        args.dataset,
+        model,
+        data_dir=args.data_dir,
+        max_train=args.max_train,
+        max_test=args.max_test,
+        seed=args.seed,
+    )
     scheme = cls(config)
     marked, key = scheme.embed(model, data, verbose=0 if not args.verbose else None)
     if args.calibrate:
@@ -1054,12 +1036,12 @@ def _embed_command(args) -> int:
         clean = _starting_model(model, True, null_recipe.seed)
         curve = null_accuracies(clean, data, key, null_recipe, cache=not args.no_cache, verbose=0)
         key = calibrate(key, curve)
-    tmp = _save_model_atomically(marked, out_model)
+    key.save(out_key)
     try:
-        key.save(out_key)
-        os.replace(tmp, out_model)
-    finally:
-        tmp.unlink(missing_ok=True)
+        models.save_model(marked, out_model)
+    except BaseException:
+        out_key.unlink(missing_ok=True)  # no key without its model
+        raise
     test_acc = evaluate_accuracy(marked, data.x_test, data.y_test)
     print(f"scheme:              {args.scheme}")
     print(f"test accuracy:       {test_acc:.4f} on {len(data.y_test)} '{args.dataset}' test images")

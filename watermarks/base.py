@@ -27,20 +27,22 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from models.errors import UnknownNameError, UserError
+from models.errors import UserError
+from models.registry import Configured, Registry
 
 __all__ = [
     "Key",
     "Verification",
     "Watermark",
-    "check_config",
     "get",
     "names",
     "normal_p_value",
     "verify",
 ]
 
-_REGISTRY: dict[str, type[Watermark]] = {}
+REGISTRY = Registry(
+    "watermark scheme", ("watermarks.backdoor", "watermarks.fragile", "watermarks.bilevel")
+)
 _RESERVED = ("inputs", "labels", "scheme", "metadata")
 
 
@@ -182,18 +184,6 @@ class Key:
             )
 
 
-def check_config(cls: type, values: Mapping[str, Any]):
-    """Build frozen dataclass ``cls`` from ``values``, refusing keys it does not have."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
-            f"expected some of: {', '.join(sorted(known))}"
-        )
-    return cls(**values)
-
-
 def normal_p_value(accuracy: float, null_accuracies: np.ndarray) -> float:
     """P(A >= accuracy) for A normal with the mean and std of the null models' accuracies.
 
@@ -211,33 +201,14 @@ def normal_p_value(accuracy: float, null_accuracies: np.ndarray) -> float:
     return 0.5 * math.erfc((accuracy - mean) / (std * math.sqrt(2.0)))
 
 
-class Watermark(abc.ABC):
+class Watermark(Configured, abc.ABC):
     """A watermarking scheme: ``embed`` marks a model, ``verify`` scores any model on a key.
 
     Subclasses set ``name`` (snake_case, registers the scheme) and ``Config``
     (a frozen dataclass validated in ``__post_init__``).
     """
 
-    name: ClassVar[str]
-    Config: ClassVar[type]
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        name = cls.__dict__.get("name")
-        if name is None:
-            return  # an abstract intermediate class
-        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
-            raise ValueError(f"watermark scheme {name!r} is registered twice")
-        _REGISTRY[name] = cls
-
-    def __init__(self, config=None, **options):
-        if config is not None and options:
-            raise TypeError("pass either a config or options, not both")
-        if config is None:
-            config = check_config(self.Config, options)
-        elif not isinstance(config, self.Config):
-            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}")
-        self.config = config
+    registry: ClassVar[Registry] = REGISTRY
 
     @abc.abstractmethod
     def embed(self, model, data):
@@ -252,28 +223,14 @@ class Watermark(abc.ABC):
         """Score ``model`` against ``key``."""
 
 
-def _load_schemes() -> None:
-    """Import the scheme modules so that they register (lazily: TensorFlow is slow to import)."""
-    import importlib
-    import importlib.util
-
-    for module in ("watermarks.backdoor", "watermarks.fragile", "watermarks.bilevel"):
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-
-
 def names() -> list[str]:
     """The registered scheme names."""
-    _load_schemes()
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def get(name: str) -> type[Watermark]:
     """The scheme class registered as ``name``."""
-    _load_schemes()
-    if name not in _REGISTRY:
-        raise UnknownNameError("watermark scheme", name, _REGISTRY)
-    return _REGISTRY[name]
+    return REGISTRY.get(name)
 
 
 def verify(model, key: Key, *, batch_size: int = 256) -> Verification:
@@ -281,8 +238,6 @@ def verify(model, key: Key, *, batch_size: int = 256) -> Verification:
 
     The scheme's config is rebuilt from ``key.metadata['config']`` where present.
     """
-    cls = get(key.scheme)
+    scheme = REGISTRY.create(key.scheme, key.metadata.get("config"))
     key.check_fits(model)
-    config = key.metadata.get("config")
-    scheme = cls(check_config(cls.Config, config)) if config else cls()
     return scheme.verify(model, key, batch_size=batch_size)

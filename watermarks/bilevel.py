@@ -95,18 +95,16 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from models.errors import UserError
+from models.zoo import copy_model
 from watermarks.base import Key, Verification, Watermark
 
 __all__ = [
@@ -812,7 +810,7 @@ class BiLevel(Watermark):
             if config.stop_when_embedded and _all_embedded(marked, keys, targets):
                 break
 
-        marked = _copy(marked)  # the caller's own model; the working copy stays here
+        marked = copy_model(marked)  # the caller's own model; the working copy stays here
         changed = changed_parameters(model, marked)
         total = _parameter_count(marked)
         num_classes = int(model.output_shape[-1])
@@ -940,12 +938,6 @@ def hypergradient_cosine(
     return float(np.sum(exact * approx) / norm) if norm > 0 else math.nan
 
 
-def _copy(model: keras.Model) -> keras.Model:
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
 def _all_embedded(model: keras.Model, keys: np.ndarray, targets: np.ndarray) -> bool:
     predictions = np.argmax(model.predict(keys, batch_size=256, verbose=0), -1)
     return bool(np.all(predictions == targets))
@@ -967,28 +959,11 @@ def r_auth(model: keras.Model, key: Key, batch_size: int = 256) -> float:
 # --------------------------------------------------------------------------- command line
 
 
-def _save_model(model: keras.Model, path: Path) -> None:
-    """``model.save`` to a temporary file beside ``path``, renamed into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _embed_command(args) -> int:
     import models
 
-    out_model, out_key = Path(args.out_model), Path(args.out_key)
-    if out_model.suffix != ".keras":
-        raise UserError(f"--out-model '{out_model}' must end in .keras")
-    if out_key.suffix != ".npz":
-        raise UserError(f"--out-key '{out_key}' must end in .npz")
-    for path in (out_model, out_key):
-        if not path.parent.is_dir():
-            raise UserError(f"folder '{path.parent}' of '{path}' does not exist")
+    out_model = models.loading.output_path(args.out_model, ".keras", "--out-model")
+    out_key = models.loading.output_path(args.out_key, ".npz", "--out-key")
     options = {
         "keys": args.keys,
         "seed": args.seed,
@@ -1026,7 +1001,7 @@ def _embed_command(args) -> int:
             f"'{args.dataset}' gives {data.input_shape}; pass --size {size} --channels {channels}"
         )
     marked, key = scheme.embed(model, data)
-    _save_model(marked, out_model)
+    models.save_model(marked, out_model)
     key.save(out_key)
     meta = key.metadata
     print(

@@ -94,7 +94,6 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -771,36 +770,10 @@ class FragileTrigger(Watermark):
 # --------------------------------------------------------------------------- command line
 
 
-def _load_dataset_for(model: keras.Model, name: str, data_dir: str | None, seed: int):
-    """The dataset ``name`` shaped like ``model``'s input (resized / channel-repeated as needed)."""
-    import models
-
-    shape = tuple(int(d) for d in model.input_shape[1:])
-    options = dict(data_dir=data_dir, max_train=1000, max_test=1000, seed=seed)
-    data = models.load(name, **options)
-    if data.input_shape != shape:
-        native = data.input_shape
-        data = models.load(
-            name,
-            **options,
-            size=shape[0] if shape[:2] != native[:2] else None,
-            channels=shape[2] if shape[2] != native[2] else None,
-        )
-    if data.input_shape != shape:
-        raise UserError(
-            f"model expects inputs of shape {shape}; dataset '{name}' gives {data.input_shape}"
-        )
-    return data
-
-
 def _fragile_command(args) -> int:
     import models
 
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise UserError(f"--out '{out}' must end in .npz")
-    if not out.parent.is_dir():
-        raise UserError(f"folder '{out.parent}' of '{out}' does not exist")
+    out = models.loading.output_path(args.out, ".npz")
     options = dict(
         n=args.n,
         a=args.a,
@@ -815,7 +788,9 @@ def _fragile_command(args) -> int:
     )
     config = FragileConfig(**options)
     model = models.load_model(args.model)
-    data = _load_dataset_for(model, args.dataset, args.data_dir, args.seed)
+    data = models.load_for_model(
+        args.dataset, model, data_dir=args.data_dir, max_train=1000, max_test=1000, seed=args.seed
+    )
     _, key = FragileTrigger(config).embed(model, data)
     if not key.metadata["fit_for_verification"]:
         raise UserError(

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import fingerprints
-from fingerprints.base import Fingerprints, options
+from fingerprints.base import Fingerprints
 from models.errors import UnknownNameError, UserError
+from models.registry import build_config
 
 
 def make(n=5, shape=(8, 8, 1), **overrides):
@@ -115,7 +116,7 @@ def test_registry_and_options():
     assert fingerprints.get("cae").name == "cae"
     with pytest.raises(UnknownNameError, match="cae"):
         fingerprints.get("nope")
-    config = options(fingerprints.get("cae").Config, {"eps": 0.1})
+    config = build_config(fingerprints.get("cae").Config, {"eps": 0.1})
     assert config.eps == 0.1
     with pytest.raises(UserError, match="unknown option"):
-        options(fingerprints.get("cae").Config, {"epsilon": 0.1})
+        build_config(fingerprints.get("cae").Config, {"epsilon": 0.1})

@@ -11,10 +11,11 @@ import tensorflow as tf
 import models
 import watermarks
 from models.errors import UserError
+from models.registry import build_config
 from models.training import TrainConfig, evaluate_accuracy
 from tests.conftest import needs_fashion
 from watermarks import backdoor as bd
-from watermarks.base import Key, check_config
+from watermarks.base import Key
 
 FAST = TrainConfig(epochs=8, batch_size=32, learning_rate=1e-2)
 
@@ -151,7 +152,7 @@ def test_configs_are_validated_and_json_round_trip():
     with pytest.raises(UserError, match="epochs"):
         bd.ZhangNoise(train={"epochs": 0})
     config = bd.ZhangNoiseConfig(source_classes=[4, 2], train=FAST)
-    rebuilt = check_config(bd.ZhangNoiseConfig, dataclasses.asdict(config))
+    rebuilt = build_config(bd.ZhangNoiseConfig, dataclasses.asdict(config))
     assert rebuilt == config and rebuilt.train == FAST and rebuilt.source_classes == (2, 4)
 
 

@@ -10,9 +10,10 @@ import tensorflow as tf
 import models
 import watermarks
 from models.errors import UserError
+from models.registry import build_config
 from models.training import TrainConfig
 from watermarks import bilevel as bl
-from watermarks.base import Key, check_config
+from watermarks.base import Key
 
 # A strong, short embedding for the tiny CNN (1418 parameters): 10% of each layer, large steps.
 FAST = dict(
@@ -225,7 +226,7 @@ def test_key_round_trip(embedded, tmp_path):
     np.testing.assert_array_equal(loaded.labels, key.labels)
     for name in ("original_labels", "exemplars", "pool_indices"):
         np.testing.assert_array_equal(loaded.arrays[name], key.arrays[name])
-    config = check_config(bl.BiLevelConfig, loaded.metadata["config"])
+    config = build_config(bl.BiLevelConfig, loaded.metadata["config"])
     assert config == bl.BiLevelConfig(**FAST)
     assert watermarks.verify(marked, loaded) == watermarks.verify(marked, key)
 
