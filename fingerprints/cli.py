@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--extraction",
         default="labels",
-        help="how surrogates are made: labels (default), copycat or knockoff (ART)",
+        help="how surrogates are made: labels (default), soft_labels (the source's probabilities), "
+        "copycat or knockoff (ART)",
     )
     gen.add_argument("--candidates", type=_positive_int, default=200, help="test images (200)")
     gen.add_argument("--iterations", type=_positive_int, default=200, help="Adam steps (200)")

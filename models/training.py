@@ -3,7 +3,9 @@
 One entry point, :func:`train`, serves every paper: Adam at 1e-3 with a
 LearningRateScheduler, ReduceLROnPlateau and EarlyStopping as the CAE report
 trains its ensembles; SGD (with momentum) as the bi-level and fragile papers
-fine-tune. It is a thin layer over ``keras.Model.fit``, which does the work:
+fine-tune. It trains on integer labels, or on probability targets (a
+teacher's softmax, for distillation) with categorical cross-entropy. It is a
+thin layer over ``keras.Model.fit``, which does the work:
 
 * a checkpoint every epoch and resume after the process is killed, through
   Keras' own ``BackupAndRestore`` callback (weights and optimizer state; the
@@ -210,19 +212,43 @@ def default_cache_dir() -> Path:
 
 
 def _training_arrays(data) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) from a :class:`models.datasets.Dataset` or an ``(x, y)`` pair."""
+    """(x, y) from a :class:`models.datasets.Dataset` or an ``(x, y)`` pair.
+
+    ``y`` comes back as a vector of labels, or, when it is a 2-D float array
+    with a column per class (see :func:`_probability_targets`), as float32
+    probability targets.
+    """
     if hasattr(data, "x_train") and hasattr(data, "y_train"):
         x, y = data.x_train, data.y_train
     elif isinstance(data, tuple | list) and len(data) == 2:
         x, y = data
     else:
         raise UserError("training data must be a Dataset or an (x, y) pair of arrays")
-    x, y = np.asarray(x), np.asarray(y).reshape(-1)
+    x, y = np.asarray(x), np.asarray(y)
+    soft = _probability_targets(y)
+    y = np.asarray(y, dtype=np.float32) if soft else y.reshape(-1)
     if len(x) != len(y) or len(x) == 0:
         raise UserError(
             f"training data has {len(x)} inputs and {len(y)} labels; expected the same non-zero number"
         )
+    if soft and (
+        not np.all(np.isfinite(y)) or y.min() < 0 or np.abs(y.sum(axis=1) - 1).max() > 1e-3
+    ):
+        raise UserError(
+            "probability targets must be non-negative with rows summing to 1; "
+            f"got values in [{y.min():.3g}, {y.max():.3g}] and row sums in "
+            f"[{y.sum(axis=1).min():.3g}, {y.sum(axis=1).max():.3g}]"
+        )
     return x, y
+
+
+def _probability_targets(y: np.ndarray) -> bool:
+    """Whether ``y`` holds probability targets: 2-D floats, one column per class (2 or more).
+
+    Anything else (a vector, or an ``(n, 1)`` column) is integer labels.
+    """
+    y = np.asarray(y)
+    return y.ndim == 2 and y.shape[1] > 1 and np.issubdtype(y.dtype, np.floating)
 
 
 def _hash_update(digest, array: np.ndarray) -> None:
@@ -355,10 +381,26 @@ class EpochMetric(keras.callbacks.Callback):
             logs[self.metric_name] = float(self.fn(self.model))
 
 
-def compile_for_training(model: keras.Model, config: TrainConfig) -> None:
-    """Compile ``model`` with the config's optimizer and the right cross-entropy."""
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(model))
-    model.compile(optimizer=_optimizer(config), loss=loss, metrics=["accuracy"])
+def compile_for_training(
+    model: keras.Model, config: TrainConfig, *, probability_targets: bool = False
+) -> None:
+    """Compile ``model`` with the config's optimizer and the right cross-entropy.
+
+    Args:
+        model: the classifier (softmax or logit outputs).
+        config: gives the optimizer.
+        probability_targets: train on probability targets (categorical
+            cross-entropy; accuracy compares the arg-maxes) instead of
+            integer labels (sparse categorical cross-entropy).
+    """
+    from_logits = not outputs_probabilities(model)
+    if probability_targets:
+        loss = keras.losses.CategoricalCrossentropy(from_logits=from_logits)
+        metric = keras.metrics.CategoricalAccuracy(name="accuracy")
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+        metric = "accuracy"
+    model.compile(optimizer=_optimizer(config), loss=loss, metrics=[metric])
 
 
 def _progress_verbosity() -> int:
@@ -399,7 +441,10 @@ def train(
         model: a built Keras classifier (softmax or logit outputs); its
             weights now are part of the cache key.
         data: a :class:`models.datasets.Dataset` (its training split is used)
-            or an ``(x, y)`` pair with integer labels.
+            or an ``(x, y)`` pair with integer labels, or with probability
+            targets: a 2-D float ``y`` of shape ``(n, classes)`` whose rows
+            sum to 1 (a teacher's softmax, for distillation), trained with
+            categorical cross-entropy. The targets are part of the cache key.
         config: the training recipe; ``config.seed`` seeds the run.
         cache: reuse a finished training with the same key; ``False``
             retrains from scratch (dropping any checkpoint) and replaces the entry.
@@ -421,12 +466,19 @@ def train(
         does next is the same on a rerun.
     """
     x, y = _training_arrays(data)
+    probability_targets = y.ndim == 2
+    outputs = getattr(model, "outputs", None)  # None for a subclassed model: Keras checks later
+    if probability_targets and outputs and y.shape[1] != outputs[0].shape[-1]:
+        raise UserError(
+            f"the probability targets have {y.shape[1]} columns but model '{model.name}' has "
+            f"{outputs[0].shape[-1]} outputs; expected one column per class"
+        )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cache_key(model, data if hasattr(data, "digest") else (x, y), config, cache_tag)
     entry = root / "models" / key
     meta_path = entry / "meta.json"
     backup_dir = root / "checkpoints" / key
-    compile_for_training(model, config)
+    compile_for_training(model, config, probability_targets=probability_targets)
     if cache and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         model.optimizer.build(model.trainable_variables)  # so its saved state loads too

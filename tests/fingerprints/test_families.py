@@ -1,5 +1,7 @@
 """fingerprints.families: the source, surrogate and reference families, trained once and cached."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,7 @@ from fingerprints.families import (
 )
 from models.errors import UnknownNameError, UserError
 from models.training import TrainConfig, predict_labels
+from tests.conftest import weights_equal
 
 RECIPE = TrainConfig(epochs=8, batch_size=32, learning_rate=3e-3)
 TINY = FamilyConfig(
@@ -112,6 +115,31 @@ def test_second_build_comes_from_the_cache(families, digits):
         np.testing.assert_allclose(
             first.model.predict(x, verbose=0), second.model.predict(x, verbose=0), atol=1e-6
         )
+
+
+def test_soft_label_surrogates_are_distilled_from_the_source(families, digits):
+    """Surrogates on the source's softmax copy its probabilities more closely; references stay."""
+    soft = build_families(digits, dataclasses.replace(TINY, extraction="soft_labels"))
+    x = digits.x_test
+    source = families.source.model.predict(x, verbose=0)
+
+    def distance(model):  # mean L1 distance between the model's and the source's probabilities
+        return float(np.abs(model.predict(x, verbose=0) - source).sum(axis=1).mean())
+
+    assert soft.source.from_cache
+    for split in ("generation", "unseen"):
+        hard_s, soft_s = families.select("surrogate", split), soft.select("surrogate", split)
+        assert not any(m.from_cache for m in soft_s), "soft labels are other training data"
+        assert [m.seed for m in soft_s] == [m.seed for m in hard_s]
+        assert np.mean([distance(m.model) for m in soft_s]) < np.mean(
+            [distance(m.model) for m in hard_s]
+        )
+        for first, second in zip(
+            families.select("reference", split), soft.select("reference", split), strict=True
+        ):
+            assert second.from_cache and weights_equal(first.model, second.model)
+    again = build_families(digits, dataclasses.replace(TINY, extraction="soft_labels"))
+    assert all(m.from_cache for m in again.members)
 
 
 @pytest.mark.parametrize(

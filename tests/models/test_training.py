@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 
 import models
@@ -184,6 +185,60 @@ def test_softmax_layer_models_are_trained_on_probabilities(digits, tmp_path):
     assert not models.training.outputs_probabilities(keras.Model(inputs, logits))
     models.train(model, digits, FAST, cache_dir=tmp_path, verbose=0)
     assert evaluate_accuracy(model, digits.x_test, digits.y_test) > 0.8
+
+
+def _soft_targets(labels, num_classes, seed=0):
+    """Probability targets whose arg-max is ``labels``: 0.5 on the label, the rest spread at random."""
+    rng = np.random.default_rng(seed)
+    rest = rng.dirichlet(np.ones(num_classes - 1), size=len(labels)).astype(np.float32)
+    targets = np.zeros((len(labels), num_classes), np.float32)
+    others = np.arange(num_classes)[None, :] != labels[:, None]
+    targets[others] = (0.5 * rest).reshape(-1)
+    targets[np.arange(len(labels)), labels] = 0.5
+    return targets
+
+
+def test_probability_targets_train_differently_from_their_arg_max_and_cache_apart(digits, tmp_path):
+    x, y = digits.x_train, digits.y_train
+    soft = _soft_targets(y, digits.num_classes)
+    assert np.array_equal(np.argmax(soft, axis=1), y)
+
+    def fresh():
+        models.seed_everything(9)
+        return models.build("_tiny_cnn", digits.input_shape, digits.num_classes)
+
+    hard_run = models.train(fresh(), (x, y), FAST, cache_dir=tmp_path, verbose=0)
+    soft_run = models.train(fresh(), (x, soft), FAST, cache_dir=tmp_path, verbose=0)
+    assert not soft_run.from_cache and soft_run.key != hard_run.key
+    assert not weights_equal(hard_run.model, soft_run.model)
+    assert "accuracy" in soft_run.history  # arg-max against arg-max
+    # The soft model learns the labels, and the targets' confidence: about 0.5, not near 1.
+    assert evaluate_accuracy(soft_run.model, digits.x_test, digits.y_test) > 0.8
+    confidence = {
+        name: float(run.model.predict(digits.x_test, verbose=0).max(axis=1).mean())
+        for name, run in (("hard", hard_run), ("soft", soft_run))
+    }
+    assert confidence["soft"] < 0.7 < confidence["hard"], confidence
+
+    again = models.train(fresh(), (x, soft), FAST, cache_dir=tmp_path, verbose=0)
+    assert again.from_cache and again.key == soft_run.key
+    assert weights_equal(again.model, soft_run.model)
+    retrained = models.train(fresh(), (x, soft), FAST, cache_dir=tmp_path / "b", verbose=0)
+    assert not retrained.from_cache and weights_equal(retrained.model, soft_run.model)
+
+    model = fresh()
+    other = _soft_targets(y, digits.num_classes, seed=1)  # the same arg-max, other probabilities
+    assert cache_key(model, (x, soft), FAST) != cache_key(model, (x, other), FAST)
+    assert cache_key(model, (x, soft), FAST) == cache_key(model, (x, soft.astype(np.float64)), FAST)
+
+
+def test_bad_probability_targets_are_user_errors(tiny_model, digits):
+    x, y = digits.x_train, digits.y_train
+    soft = _soft_targets(y, digits.num_classes)
+    with pytest.raises(UserError, match="summing to 1"):
+        models.train(tiny_model, (x, soft * 2), FAST)
+    with pytest.raises(UserError, match="one column per class"):
+        models.train(tiny_model, (x, soft[:, :5] / soft[:, :5].sum(axis=1, keepdims=True)), FAST)
 
 
 class Subclassed(keras.Model):
