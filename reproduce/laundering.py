@@ -59,9 +59,17 @@ PRESET_NOTES = {
     "epochs: checks the pipeline end to end; the claims are not expected to hold.",
     "quick": "Fashion-MNIST (28x28x1) instead of MNIST and CIFAR-10. Zhang et al.'s watermarks on "
     "the Table 5 network trained with the CAE recipe for at most 15 epochs; Adi et al.'s on a "
-    "ResNet20v1 (n = 3, the paper's) trained on a 12,000-image subset for 6 epochs (FS) and "
-    "fine-tuned 3 epochs (PT), with k = 16 trigger images in every batch of 128 (Adi et al.: 2 of "
-    "100, over hundreds of epochs; 6 epochs with 2 leave the triggers unlearned, WM accuracy 0.41). Neural Cleanse capped at 60 epochs of 11 mini-batches of 32 "
+    "ResNet20v1 (n = 3, the paper's) trained on the full training split for 6 epochs (FS, k = 8 "
+    "trigger images in every batch of 128) and fine-tuned 4 epochs from the vanilla model (PT, "
+    "Adam 5e-4 with the step schedule, k = 16). Adi et al. put 2 of their 100 images in every "
+    "batch over hundreds of epochs; measured on a 12,000-image subset before this run, k = 2 "
+    "left the triggers unlearned in 6 epochs (watermark accuracy 0.41), k = 16 cost FS 1.35 "
+    "points of test accuracy (the triggers' share of each batch also enters batch "
+    "normalisation), and PT at a constant 5e-4 for 3 epochs lost 8 points. An owner trained on "
+    "that subset failed L5: the adversary's 10.8% of the training split (6,480 images) trained "
+    "a ResNet20v1 from scratch to 0.852, above both laundered models (0.840, 0.844); 10.8% of "
+    "the subset (1,296 images) did no better for laundering (0.72 and 0.71 against 0.78 from "
+    "scratch). Neural Cleanse capped at 60 epochs of 11 mini-batches of 32 "
     "for the Table 5 network and 10 epochs of 10 mini-batches of 16 for the ResNet (the original: "
     "1000 epochs with early stopping). Fig. 3 runs 4 laundering rounds (paper: 10) "
     "of the content watermark at 0.6% only (the paper sweeps 10.8%, 6%, 0.6% and one image per "
@@ -75,9 +83,12 @@ PRESET_NOTES = {
 
 CHOICES = """\
 - DT and CT (Algorithm 1) are absolute thresholds on the mean activation difference; the paper
-  gives no values. The quick preset's DT = 0.75, CT = 0.25 for the Table 5 network were chosen
-  on the content watermark's model with a separate adversary sample (seed 1) before this run;
-  the ResNet20v1 uses the attack's defaults (DT = 0.5, CT = 0.1) on its second half.
+  gives no values. The quick preset's DT = 0.4, CT = 0.25 for the Table 5 network were chosen
+  before this run on the content and noise models with a separate adversary sample (seed 1, 360
+  images), as the largest reset that kept both tests' accuracy drops under 3 points: there,
+  CT = 0.1 reset 7 of conv2's 16 channels for noise (drop 4.2 points), DT = 0.6 left content at
+  0.16, and DT = 0.4, CT = 0.25 gave content 0.059 (drop 2.5) and noise 0.027 (drop 2.7). The
+  ResNet20v1 uses the attack's defaults (DT = 0.5, CT = 0.1) on its second half.
 - A unit's activation is read after the batch normalisation and ReLU that follow it; reset units
   are held at zero through retraining.
 - Retraining: Adam (learning rate 1e-4) for a fixed number of epochs on the clean images, the
@@ -124,6 +135,7 @@ class LaunderingRunConfig:
     adi_curve_rounds: int
     scratch_train: TrainConfig
     adi_k: int = 2
+    adi_pt_k: int | None = None  # triggers per batch when fine-tuning (PT); None: adi_k
     max_train: int | None = None
     max_test: int | None = None
     zhang_fraction: float = 0.006
@@ -181,15 +193,18 @@ def make_config(
                     name, "zhang_mnist", TrainConfig.cae(15, early_stopping_patience=3, seed=seed)
                 ),
             ),
-            adi=(Part(name, "resnet20v1", adi_train, max_train=12000),),
-            adi_pt_train=TrainConfig(epochs=3, batch_size=128, learning_rate=5e-4, seed=seed),
-            adi_k=16,
+            adi=(Part(name, "resnet20v1", adi_train),),
+            adi_pt_train=TrainConfig(
+                epochs=4, batch_size=128, learning_rate=5e-4, lr_schedule="step", seed=seed
+            ),
+            adi_k=8,
+            adi_pt_k=16,
             zhang_images=2000,
             pruning=PruningConfig(0.9, FineTuneConfig(epochs=5, seed=seed)),
             fine_pruning=FinePruningConfig(fine_tune=FineTuneConfig(epochs=10, seed=seed)),
             rtal=FineTuneConfig(variant="rtal", epochs=5, seed=seed),
             zhang_laundering=LaunderingConfig(
-                dense_threshold=0.75,
+                dense_threshold=0.4,
                 conv_threshold=0.25,
                 retrain_epochs=10,
                 neural_cleanse=NeuralCleanseConfig(steps=60, mini_batches=11),
@@ -244,6 +259,11 @@ def _sample(data: models.Dataset, size: float | str, seed: int) -> models.Datase
     if size == PER_CLASS:
         return data.subset(per_class=1, seed=seed)
     return data.subset(fraction=float(size), seed=seed)
+
+
+def _owner_data(data: models.Dataset, part: Part, seed: int) -> models.Dataset:
+    """The training data the owner's model of ``part`` is trained on (a subset, or all)."""
+    return data.subset(max_train=part.max_train, seed=seed) if part.max_train else data
 
 
 def _label(size: float | str) -> str:
@@ -316,10 +336,15 @@ def _mark_zhang(config, part, data, fig5_rows) -> list[_Marked]:
 
 
 def _mark_adi(config, part, data, fig5_rows) -> list[_Marked]:
-    train_data = data.subset(max_train=part.max_train, seed=config.seed)
+    train_data = _owner_data(data, part, config.seed)
     fs = AdiAbstract(AdiConfig(mode="fs", train=part.train, k=config.adi_k, seed=config.seed))
     pt = AdiAbstract(
-        AdiConfig(mode="pt", train=config.adi_pt_train, k=config.adi_k, seed=config.seed)
+        AdiConfig(
+            mode="pt",
+            train=config.adi_pt_train,
+            k=config.adi_pt_k or config.adi_k,
+            seed=config.seed,
+        )
     )
     key = fs.trigger_sets(train_data)[2]
     models.seed_everything(part.train.seed)
@@ -563,6 +588,7 @@ def run(config: LaunderingRunConfig, out: Run) -> None:
     out.table("neural_cleanse", pd.DataFrame(nc_rows))
     out.table("fig8_triggers", pd.concat(triggers, ignore_index=True))
     _claims(out, marked, pd.DataFrame(table), pd.DataFrame(curves), pd.DataFrame(nc_rows), config)
+    out.section("Discussion", _discussion(marked, pd.DataFrame(table), pd.DataFrame(nc_rows)))
     out.section("What the preset changes", PRESET_NOTES[config.preset])
     out.section("Choices the paper leaves open", CHOICES)
 
@@ -722,6 +748,62 @@ def _claims(out: Run, marked, table, curves, nc, config) -> None:
         else f"per round: rounds 1-3 {early:.4f}, later {late:.4f}",
         late is not None and late < early,
     )
+
+
+def _discussion(marked, table: pd.DataFrame, nc: pd.DataFrame) -> str:
+    """What the run's numbers say about the paper's claims, written from the numbers."""
+    lines = []
+    for mark in marked:
+        rows = table[(table["watermark"] == mark.name) & (table["model"] == mark.part.model)]
+        ours = rows[rows["method"] == "Ours (laundering)"].iloc[0]
+        wm, drop = ours["laundered_wm_acc"], mark.test_acc - ours["laundered_test_acc"]
+        verdict = "below" if wm <= mark.threshold else "above"
+        text = (
+            f"- **{mark.part.model}/{mark.name}**: one round took the watermark from "
+            f"{mark.wm_acc:.3f} to {wm:.3f}, {verdict} the vanilla threshold {mark.threshold:.3f}, "
+            f"for {100 * drop:.2f} points of test accuracy."
+        )
+        found = nc[(nc["watermark"] == mark.name) & (nc["model"] == mark.part.model)]
+        suspect = int(found[found["suspect"]]["class"].iloc[0])
+        if mark.name in ZHANG:
+            target = found[found["true_target"]].iloc[0]
+            if suspect != int(target["class"]):
+                text += (
+                    f" Neural Cleanse suspected class {suspect}, not the target "
+                    f"{int(target['class'])} (its mask's L1 norm {target['l1_norm']:.1f}, anomaly "
+                    f"index {target['anomaly_index']:.2f}): a small trigger that flips every image "
+                    "is what it finds, and an unrelated-image watermark has none, so the units it "
+                    "reset were not the watermark's and the watermark survived (the paper also "
+                    "found unrelated watermarks the hardest: section 6, Fig. 4)."
+                )
+            elif wm > mark.threshold:
+                text += (
+                    f" The suspect class was right ({suspect}); the threshold is what a clean "
+                    "model reaches on these stamped images, and on Fashion-MNIST a clean model "
+                    "almost never calls them the target class, so the bar is lower than the "
+                    "paper's MNIST thresholds."
+                )
+        elif wm > mark.threshold:
+            text += (
+                f" Neural Cleanse's suspect was class {suspect} (the abstract images have random "
+                "labels, so no class is the target); one round at the quick preset's budget "
+                "does not bring it to the threshold (the paper's Table 2: 7% against 12%)."
+            )
+        lines.append(text)
+    pruned = table[table["method"].str.startswith("Zhang et al.")]
+    if len(pruned):
+        lines.append(
+            "- **Zhang et al.'s 90% pruning** (P3): "
+            + "; ".join(
+                f"{r.watermark} {r.laundered_wm_acc:.3f} at test accuracy {r.laundered_test_acc:.3f}"
+                for r in pruned.itertuples()
+            )
+            + ". On the Table 5 network, where one 512-unit dense layer holds most weights, "
+            "pruning 90% of every layer with a few epochs of fine-tuning destroys the classifier "
+            "along with the watermark: the watermark does not survive, but neither does a usable "
+            "model, so the robustness claim fails here without being a practical attack."
+        )
+    return "\n".join(lines)
 
 
 def _round_gains(curves: pd.DataFrame) -> tuple[float, float | None]:
