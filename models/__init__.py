@@ -38,6 +38,7 @@ _import_tensorflow_quietly()
 
 from models.art import to_art  # noqa: E402
 from models.datasets import Dataset, DatasetUnavailable, load, load_for_model  # noqa: E402
+from models.datasets import check_name as check_dataset  # noqa: E402
 from models.datasets import names as dataset_names  # noqa: E402
 from models.errors import UnknownNameError, UserError  # noqa: E402
 from models.loading import load_model, save_model  # noqa: E402
@@ -52,6 +53,7 @@ __all__ = [
     "UnknownNameError",
     "UserError",
     "build",
+    "check_dataset",
     "dataset_names",
     "load",
     "load_for_model",

@@ -230,6 +230,12 @@ class _Raw:
     scale: float = 255.0
 
 
+def check_name(name: str | None) -> None:
+    """Raise :class:`UnknownNameError` unless ``name`` is None (no choice made) or a dataset."""
+    if name is not None and name not in _SPECS:
+        raise UnknownNameError("dataset", name, names())
+
+
 def load(
     name: str,
     *,

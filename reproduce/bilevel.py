@@ -151,8 +151,7 @@ def make_config(
     cache: bool = True,
 ) -> BiLevelReproduction:
     """Resolve a preset (``smoke``, ``quick`` or ``paper``) into the run's configuration."""
-    if dataset is not None and dataset not in models.dataset_names():
-        raise models.UnknownNameError("dataset", dataset, models.dataset_names())
+    models.check_dataset(dataset)
     scheme = BiLevelConfig(seed=seed)
     weak = FineTuneConfig(variant="ftal", epochs=5, optimizer="sgd", learning_rate=1e-3, seed=seed)
     strong = dataclasses.replace(weak, learning_rate=1e-2, momentum=0.9)

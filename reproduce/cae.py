@@ -221,8 +221,7 @@ def make_config(
     cache: bool = True,
 ) -> CaeRunConfig:
     """Resolve a preset into the experiments, families and generation settings."""
-    if dataset is not None and dataset not in models.dataset_names():
-        raise UnknownNameError("dataset", dataset, models.dataset_names())
+    models.check_dataset(dataset)
     if preset not in PRESET_NOTES:
         raise UnknownNameError("preset", preset, PRESET_NOTES)
     name = dataset or "fashion_mnist"

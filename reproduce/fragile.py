@@ -165,8 +165,7 @@ def make_config(
     cache: bool = True,
 ) -> FragileRunConfig:
     """Resolve a preset (see :data:`PRESET_NOTES`) into a :class:`FragileRunConfig`."""
-    if dataset is not None and dataset not in models.dataset_names():
-        raise models.UnknownNameError("dataset", dataset, models.dataset_names())
+    models.check_dataset(dataset)
     if preset not in ("smoke", "quick", "paper"):
         raise models.UnknownNameError("preset", preset, ("smoke", "quick", "paper"))
     quick = FragileRunConfig(

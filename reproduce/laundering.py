@@ -153,8 +153,7 @@ def make_config(
     cache: bool = True,
 ) -> LaunderingRunConfig:
     """Resolve a preset into the run's configuration."""
-    if dataset is not None and dataset not in models.dataset_names():
-        raise models.UnknownNameError("dataset", dataset, models.dataset_names())
+    models.check_dataset(dataset)
     run = dict(preset=preset, seed=seed, cache=cache, data_dir=data_dir)
     if preset == "smoke":
         train = TrainConfig(epochs=2, batch_size=64, seed=seed)

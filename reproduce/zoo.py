@@ -85,8 +85,7 @@ def make_config(
     cache: bool = True,
 ) -> ZooConfig:
     """Resolve a preset into the list of base models to train."""
-    if dataset is not None and dataset not in models.dataset_names():
-        raise models.UnknownNameError("dataset", dataset, models.dataset_names())
+    models.check_dataset(dataset)
     table = pd.read_csv(PUBLISHED)
     table = table[table["preset"] == preset]
     if table.empty:
