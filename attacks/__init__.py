@@ -3,6 +3,6 @@
 ``get(name)`` returns an attack class, ``names()`` lists them. See :mod:`attacks.base`.
 """
 
-from attacks.base import RemovalAttack, clone, get, names
+from attacks.base import Inapplicable, Removal, RemovalAttack, Requirements, clone, get, names
 
-__all__ = ["RemovalAttack", "clone", "get", "names"]
+__all__ = ["Inapplicable", "Removal", "RemovalAttack", "Requirements", "clone", "get", "names"]

@@ -14,7 +14,7 @@ else the last layer that has weights; ``last_layers`` names others (any
 model, by layer name, never by index). Training goes through
 :func:`models.train`, so an attack run from ``reproduce`` is cached and
 resumes after an interruption; per-epoch measurements are Keras callbacks
-(:class:`models.training.EpochMetric`) whose values land in the history.
+(:class:`models.training.Hook`) whose values land in the history.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class FineTune(RemovalAttack):
             model: the model to attack (left untouched).
             data: a :class:`models.Dataset` (its training split is the
                 adversary's data) or an ``(x, y)`` pair.
-            callbacks: Keras callbacks, e.g. :class:`models.training.EpochMetric`.
+            callbacks: Keras callbacks, e.g. :class:`models.training.Hook`.
             cache: reuse (and store) the result in the training cache.
             cache_tag: names what ``callbacks`` measure, for the cache key.
         """

@@ -57,8 +57,9 @@ import numpy as np
 from attacks.base import RemovalAttack, clone
 from attacks.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, reverse_engineer
 from attacks.pruning import KeepMasks
+from models import classifier
 from models.errors import UserError
-from models.training import TrainConfig, evaluate_accuracy, train
+from models.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +356,7 @@ class Laundering(RemovalAttack):
                 least,
                 sum(counts.values()),
                 sum(units.values()),
-                evaluate_accuracy(current, x, y),
+                classifier.accuracy(current, x, y),
             )
             if on_round is not None:
                 on_round(number, current)
@@ -466,9 +467,9 @@ def _command(args) -> int:
         per_class=args.per_class,
         seed=args.seed,
     )
-    before = evaluate_accuracy(model, data.x_test, data.y_test)
+    before = classifier.accuracy(model, data.x_test, data.y_test)
     result = Laundering(config).run(model, data, cache=False)
-    after = evaluate_accuracy(result.model, data.x_test, data.y_test)
+    after = classifier.accuracy(result.model, data.x_test, data.y_test)
     models.save_model(result.model, out)
     print(f"adversary's data: {len(data.y_train)} labelled {args.dataset} training images")
     for report in result.rounds:

@@ -37,7 +37,7 @@ Choices the paper leaves open, made here:
   (seeded choice) become the backdoor data, all labelled ``target_class``.
 * Training goes through :func:`models.train` (checkpoints, resume, cache);
   per-epoch measurements such as a trigger set's AccTri are Keras callbacks
-  (:class:`models.training.EpochMetric`) that land in the history.
+  (:class:`models.training.Hook`) that land in the history.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ import numpy as np
 
 from attacks.base import RemovalAttack, clone
 from attacks.finetune import layers_named, train_only
+from models import classifier
 from models.errors import UserError
 from models.training import TrainConfig, TrainResult, default_cache_dir, train
 
@@ -339,7 +340,7 @@ class MaliciousFineTune(RemovalAttack):
             data: a :class:`models.Dataset` whose training split is the
                 adversary's data, or an ``(x, y)`` pair.
             callbacks: Keras callbacks run after every epoch, e.g.
-                :class:`models.training.EpochMetric` measuring AccTri.
+                :class:`models.training.Hook` measuring AccTri.
             cache: reuse (and store) the BIM data and the fine-tuning in the training cache.
             cache_tag: names what ``callbacks`` measure, for the cache key.
 
@@ -398,7 +399,7 @@ class MaliciousFineTune(RemovalAttack):
 
 def _command(args) -> int:
     import models
-    from models.training import EpochMetric, evaluate_accuracy
+    from models.training import Hook
 
     out = models.loading.output_path(args.out, ".keras")
     model = models.load_model(args.model)
@@ -427,7 +428,7 @@ def _command(args) -> int:
 
         key = Key.load(args.key)
         key.check_fits(model)
-        callbacks.append(EpochMetric("key_accuracy", lambda m: verify_key(m, key).accuracy))
+        callbacks.append(Hook("key_accuracy", lambda m: verify_key(m, key).accuracy))
     run = MaliciousFineTune(config).run(model, data, callbacks=callbacks)
     models.save_model(run.model, out)
     print(f"layers trained:     {config.layers} ({len(run.trained_layers)} layers)")
@@ -436,7 +437,7 @@ def _command(args) -> int:
     )
     print(f"backdoor images:    {len(run.y_backdoor)} (BIM), relabelled {config.target_class}")
     print(f"backdoor success:   {run.backdoor_success():.4f}")
-    print(f"test accuracy:      {evaluate_accuracy(run.model, data.x_test, data.y_test):.4f}")
+    print(f"test accuracy:      {classifier.accuracy(run.model, data.x_test, data.y_test):.4f}")
     for epoch, value in enumerate(run.result.history.get("key_accuracy", []), start=1):
         print(f"epoch {epoch:3d} key accuracy: {value:.4f}")
     print(f"wrote {out}")

@@ -68,6 +68,7 @@ from typing import Any
 
 import numpy as np
 
+from models import classifier
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -403,9 +404,7 @@ def _forward(model):
     """
     import keras
 
-    from models.training import outputs_probabilities
-
-    if not outputs_probabilities(model):
+    if not classifier.outputs_probabilities(model):
         return model, True
     last = model.layers[-1] if model.layers else None
     if isinstance(last, keras.layers.Softmax | keras.layers.Activation):

@@ -31,8 +31,8 @@ import numpy as np
 
 from attacks.base import RemovalAttack, clone
 from attacks.finetune import FineTune, FineTuneConfig
+from models import classifier
 from models.errors import UserError
-from models.training import evaluate_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class FinePruning(RemovalAttack):
         layer = last_conv_layer(copy, config.layer)
         x, y = data.x_train, data.y_train
         order = np.argsort(channel_activations(copy, layer, x), kind="stable")
-        baseline = evaluate_accuracy(copy, x, y)
+        baseline = classifier.accuracy(copy, x, y)
         kernel = keras.ops.convert_to_numpy(layer.kernel)
         bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
         channel_mask = np.ones(kernel.shape[-1], dtype=np.float32)
@@ -262,7 +262,7 @@ class FinePruning(RemovalAttack):
             layer.kernel.assign(kernel * trial)
             if bias is not None:
                 layer.bias.assign(bias * trial)
-            if baseline - evaluate_accuracy(copy, x, y) > config.max_accuracy_drop:
+            if baseline - classifier.accuracy(copy, x, y) > config.max_accuracy_drop:
                 break
             channel_mask, pruned = trial, pruned + 1
         layer.kernel.assign(kernel * channel_mask)

@@ -52,7 +52,8 @@ from attacks.neural_cleanse import (  # noqa: E402
     anomaly_indices,
     reverse_engineer,
 )
-from models.training import TrainConfig, evaluate_accuracy  # noqa: E402
+from models import classifier
+from models.training import TrainConfig  # noqa: E402
 
 LIMIT = 3.0
 AIM = 5.0
@@ -200,8 +201,8 @@ def main() -> int:
     model, cached = watermarked_model(data, args.train_epochs, args.seed)
     full = models.load("fashion_mnist", max_train=100, seed=args.seed)
     others = full.y_test != TARGET
-    test_acc = evaluate_accuracy(model, full.x_test, full.y_test)
-    wm_acc = evaluate_accuracy(model, stamp(full.x_test[others]), np.full(others.sum(), TARGET))
+    test_acc = classifier.accuracy(model, full.x_test, full.y_test)
+    wm_acc = classifier.accuracy(model, stamp(full.x_test[others]), np.full(others.sum(), TARGET))
     print(
         f"model: zhang_mnist on Fashion-MNIST with a content watermark -> class {TARGET} "
         f"({'cached' if cached else 'trained'}): test accuracy {test_acc:.4f}, "

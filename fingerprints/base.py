@@ -1,4 +1,4 @@
-"""The fingerprint interface: ``Fingerprints`` (saved as ``.npz``), ``Verification``, ``Fingerprint``.
+"""The fingerprint interface: ``Fingerprints`` (saved as ``.npz``) and ``Fingerprint``.
 
 A fingerprint is a set of inputs on which the owner's (source) model and the
 models derived from it (surrogates) give the same, unusual labels, while
@@ -6,6 +6,11 @@ independently trained (reference) models do not. A scheme is one subclass of
 :class:`Fingerprint` with a frozen config dataclass (``Config``) and a
 snake_case ``name``; defining the subclass registers it, so :func:`get` finds
 it by name and :func:`verify` finds the scheme of a saved file.
+``Fingerprint.generate(model, data) -> Fingerprints`` makes them (building
+whatever model families the scheme needs from ``data``), and ``verify``
+returns the :class:`models.evidence.Verification` every piece of ownership
+evidence returns (``kind="fingerprint"``, ``present``: the suspect behaves
+like a model derived from the source).
 
 :class:`Fingerprints` is what the owner keeps: the fingerprint inputs, the
 originals they were made from, the source model's labels on both, the
@@ -17,12 +22,9 @@ someone else can be read safely.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import json
 import math
 import os
-import tempfile
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from models.errors import UserError
-from models.registry import Configured, Registry
+from models.evidence import Evidence, Verification
+from models.io import load_npz, save_npz
+from models.registry import Registry
 
 __all__ = [
     "Fingerprint",
@@ -117,34 +121,16 @@ class Fingerprints:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fingerprints to ``path`` (``.npz``, no pickle) atomically."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise UserError(f"fingerprint file '{path}' must end in .npz")
-        if not path.parent.is_dir():
-            raise UserError(f"folder '{path.parent}' of fingerprint file '{path}' does not exist")
-        for name, value in self.arrays.items():
-            if value.dtype == object:
-                raise ValueError(f"fingerprint array {name!r} has dtype object, which needs pickle")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez(
-                    handle,
-                    format=np.array(_FORMAT),
-                    scheme=np.array(self.scheme),
-                    inputs=self.inputs,
-                    originals=self.originals,
-                    labels=self.labels,
-                    original_labels=self.original_labels,
-                    eps=np.array(self.eps, dtype=np.float64),
-                    metadata=np.array(json.dumps(self.metadata, sort_keys=True)),
-                    **self.arrays,
-                )
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return path
+        arrays = {
+            "format": np.array(_FORMAT),
+            "scheme": np.array(self.scheme),
+            "inputs": self.inputs,
+            "originals": self.originals,
+            "labels": self.labels,
+            "original_labels": self.original_labels,
+            "eps": np.array(self.eps, dtype=np.float64),
+        }
+        return save_npz(path, {**arrays, **self.arrays}, self.metadata, what="fingerprint file")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Fingerprints:
@@ -153,29 +139,19 @@ class Fingerprints:
         Raises:
             UserError: the file is missing, not a fingerprint file, or corrupt.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"fingerprint file '{path}' does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                contents = {name: archive[name] for name in archive.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise UserError(f"cannot read fingerprint file '{path}': {str(exc)[:200]}") from None
+        contents, metadata = load_npz(path, what="fingerprint file")
         if str(contents.pop("format", "")) != _FORMAT:
             raise UserError(
                 f"'{path}' is not a fingerprint file (made by 'python -m fingerprints generate')"
             )
-        missing = [name for name in _FIELDS if name not in contents]
+        missing = [name for name in _FIELDS if name not in contents and name != "metadata"]
         if missing:
             raise UserError(f"fingerprint file '{path}' lacks {', '.join(missing)}")
         try:
-            values = {name: contents.pop(name) for name in _FIELDS}
+            values = {name: contents.pop(name) for name in _FIELDS if name != "metadata"}
             values["scheme"] = str(values["scheme"])
             values["eps"] = float(values["eps"])
-            values["metadata"] = json.loads(str(values["metadata"]))
-            if not isinstance(values["metadata"], dict):
-                raise ValueError("metadata is not a JSON object")
-            return cls(**values, arrays=contents)
+            return cls(**values, metadata=metadata, arrays=contents)
         except (ValueError, TypeError) as exc:
             raise UserError(f"fingerprint file '{path}' is malformed: {str(exc)[:200]}") from None
 
@@ -196,60 +172,40 @@ class Fingerprints:
             )
 
 
-@dataclass(frozen=True)
-class Verification:
-    """The outcome of checking a suspect model against fingerprints.
-
-    Attributes:
-        scheme: the scheme's registered name.
-        accuracy: the share of fingerprints on which the suspect gives the
-            source model's label (CAEAcc for conferrable adversarial examples).
-        threshold: the decision threshold on ``accuracy``, chosen when the
-            fingerprints were made.
-        fingerprints: how many fingerprints were checked.
-        surrogate: the verdict: ``accuracy >= threshold``, the suspect behaves
-            like a model derived from the source.
-        verdict: the verdict in words, for people.
-    """
-
-    scheme: str
-    accuracy: float
-    threshold: float
-    fingerprints: int
-    surrogate: bool
-    verdict: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-class Fingerprint(Configured, abc.ABC):
+class Fingerprint(Evidence):
     """A fingerprinting scheme: ``generate`` makes fingerprints, ``verify`` scores a suspect.
 
-    Subclasses set ``name`` (snake_case, registers the scheme) and ``Config``
-    (a frozen dataclass validated in ``__post_init__``).
+    Subclasses set ``name`` (snake_case, registers the scheme), ``Config``
+    (a frozen dataclass validated in ``__post_init__``) and ``presets``, and
+    implement :meth:`_generate` and :meth:`decide`.
     """
 
+    kind: ClassVar[str] = "fingerprint"
     registry: ClassVar[Registry] = REGISTRY
 
-    @abc.abstractmethod
-    def generate(self, source, surrogates, references, x, **kwargs) -> Fingerprints:
-        """Make fingerprints of ``source`` from candidate inputs ``x``.
+    def generate(self, model, data) -> Fingerprints:
+        """Make fingerprints of the owner's (source) ``model`` with the owner's ``data``.
 
         Args:
-            source: the owner's model.
-            surrogates: models derived from the source (trained on its labels).
-            references: models trained independently on the ground truth.
-            x: candidate inputs the fingerprints start from.
-            **kwargs: what the scheme needs besides (valid input range, ...).
+            model: the source model (trained); left untouched.
+            data: a :class:`models.Dataset` prepared for the model: the data
+                the source was trained on, from which the scheme builds the
+                model families it needs and picks candidate inputs.
 
         Returns:
             The :class:`Fingerprints`, with the decision threshold in the metadata.
+
+        Raises:
+            UserError: the model fails the gate (:func:`models.sanity.check_model`).
         """
+        from models.sanity import check_model
+
+        check_model(model, data)
+        return self._generate(model, data)
 
     @abc.abstractmethod
-    def verify(self, model, fingerprints: Fingerprints, *, batch_size: int = 256) -> Verification:
-        """Score a suspect ``model`` against ``fingerprints``."""
+    def _generate(self, model, data) -> Fingerprints:
+        """The scheme's generation, on a model that passed the gate."""
 
 
 def names() -> list[str]:
@@ -262,12 +218,8 @@ def get(name: str) -> type[Fingerprint]:
     return REGISTRY.get(name)
 
 
-def verify(model, fingerprints: Fingerprints, *, batch_size: int = 256) -> Verification:
-    """Verify ``model`` against ``fingerprints`` with the scheme that made them.
-
-    The scheme's config is rebuilt from ``fingerprints.metadata['config']`` where present.
-    """
+def verify(model, fingerprints: Fingerprints) -> Verification:
+    """Verify ``model`` against ``fingerprints`` with the scheme (and config) that made them."""
     config = fingerprints.metadata.get("config")
     scheme = REGISTRY.create(fingerprints.scheme, config if isinstance(config, dict) else None)
-    fingerprints.check_fits(model)
-    return scheme.verify(model, fingerprints, batch_size=batch_size)
+    return scheme.verify(model, fingerprints)

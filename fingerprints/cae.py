@@ -62,8 +62,8 @@ import numpy as np
 import tensorflow as tf
 
 from fingerprints.base import Fingerprint, Fingerprints, Verification
+from models import classifier
 from models.errors import UserError
-from models.training import outputs_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def predict_probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 2
     if len(x) == 0:
         return np.zeros((0, int(model.output_shape[-1])), np.float32)
     out = model.predict(x, batch_size=batch_size, verbose=0)
-    if not outputs_probabilities(model):
+    if not classifier.outputs_probabilities(model):
         out = keras.ops.convert_to_numpy(keras.ops.softmax(out, axis=-1))
     return np.asarray(out, dtype=np.float32)
 
@@ -283,7 +283,7 @@ def dropout_masks(
 
 
 def _as_probabilities(model: keras.Model):
-    if outputs_probabilities(model):
+    if classifier.outputs_probabilities(model):
         return lambda x: model(x, training=False)
     return lambda x: tf.nn.softmax(model(x, training=False), axis=-1)
 

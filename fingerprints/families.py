@@ -51,8 +51,9 @@ import numpy as np
 
 import models
 from fingerprints.cae import predict_probabilities
+from models import classifier
 from models.errors import UnknownNameError, UserError
-from models.training import TrainConfig, evaluate_accuracy, predict_labels
+from models.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ def _fresh(architecture: str, data: models.Dataset, seed: int) -> keras.Model:
 
 
 def _accuracy(model: keras.Model, data: models.Dataset) -> float:
-    return evaluate_accuracy(model, data.x_test, data.y_test)
+    return classifier.accuracy(model, data.x_test, data.y_test)
 
 
 def train_source(data: models.Dataset, config: FamilyConfig, *, cache: bool = True) -> Member:
@@ -382,7 +383,7 @@ def build_families(
         source_member = Member(source, "source", "source", "user", -1, _accuracy(source, data))
     _, thief_idx = split_training_set(data, config, with_source=source is None)
     thief_images = np.ascontiguousarray(data.x_train[thief_idx])
-    stolen_labels = predict_labels(source_member.model, thief_images)
+    stolen_labels = classifier.labels(source_member.model, thief_images)
     agreement = float(np.mean(stolen_labels == data.y_train[thief_idx]))
     log.info(
         "thief's data: %d images; the source's labels agree with the truth on %.4f",
@@ -475,7 +476,7 @@ def pick_candidates(
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise UserError(f"the number of candidates must be a positive integer, got {count!r}")
-    correct = np.flatnonzero(predict_labels(source, data.x_test) == data.y_test)
+    correct = np.flatnonzero(classifier.labels(source, data.x_test) == data.y_test)
     if len(correct) == 0:
         raise UserError("the source model classifies no test image correctly; is it trained?")
     chosen = np.random.default_rng([seed, 8]).permutation(correct)[:count]

@@ -12,10 +12,12 @@ def _import_tensorflow_quietly() -> None:
     """Import TensorFlow with its C++ start-up lines kept off stderr.
 
     TensorFlow 2.21 prints oneDNN and CUDA notices through absl before it
-    reads ``TF_CPP_MIN_LOG_LEVEL``, so a command-line error would not be the
-    one line users are promised. Unless ``TF_CPP_MIN_LOG_LEVEL=0`` asks for
-    every message, file descriptor 2 points at /dev/null for the import only;
-    a failed import restores it before raising.
+    reads ``TF_CPP_MIN_LOG_LEVEL``, and "failed call to cuInit" when it first
+    looks for devices on a machine without a GPU, so a command-line error
+    would not be the one line users are promised. Unless
+    ``TF_CPP_MIN_LOG_LEVEL=0`` asks for every message, file descriptor 2
+    points at /dev/null for the import and the device discovery only; a
+    failure restores it before raising.
     """
     if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         return
@@ -27,7 +29,9 @@ def _import_tensorflow_quietly() -> None:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
             try:
-                import tensorflow  # noqa: F401
+                import tensorflow
+
+                tensorflow.config.list_physical_devices()
             finally:
                 os.dup2(saved, 2)
     finally:

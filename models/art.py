@@ -15,8 +15,8 @@ import importlib
 import keras
 import numpy as np
 
+from models import classifier
 from models.errors import UnknownNameError, UserError
-from models.training import outputs_probabilities
 
 ClipValues = tuple[float, float] | tuple[np.ndarray, np.ndarray]
 
@@ -54,7 +54,7 @@ def to_art(
         )
     nb_classes = int(model.output_shape[-1])
     if from_logits is None:
-        from_logits = not outputs_probabilities(model)
+        from_logits = not classifier.outputs_probabilities(model)
     return TensorFlowV2Classifier(
         model=model,
         nb_classes=nb_classes,

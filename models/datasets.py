@@ -140,6 +140,10 @@ class Dataset:
         num_classes: the number of classes of the full dataset (a subset may
             lack some).
         mean: the per-channel training mean subtracted from both splits, or None.
+        input_range: the pixel range the model expects, ``(low, high)``: black
+            is ``low`` and white ``high`` (before centring). [0, 1] unless the
+            model was made for another, e.g. (0, 255) for a model with a
+            ``Rescaling(1/255)`` inside (:meth:`with_input_range`).
     """
 
     name: str
@@ -149,6 +153,7 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     mean: np.ndarray | None = None
+    input_range: tuple[float, float] = (0.0, 1.0)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -165,6 +170,8 @@ class Dataset:
         if cached is None:
             h = hashlib.sha256(b"models.datasets.Dataset/v1\0")
             h.update(f"{self.name}\0{self.num_classes}\0".encode())
+            if tuple(self.input_range) != (0.0, 1.0):  # digests of [0, 1] data stay as they were
+                h.update(f"range{tuple(self.input_range)}\0".encode())
             arrays = (self.x_train, self.y_train, self.x_test, self.y_test, self.mean)
             for arr in arrays:
                 if arr is None:
@@ -176,6 +183,46 @@ class Dataset:
             cached = h.hexdigest()
             object.__setattr__(self, "_digest", cached)  # a cache, not state: arrays are read-only
         return cached
+
+    def to_unit(self, x: np.ndarray) -> np.ndarray:
+        """Images of this dataset back in [0, 1] (undoing centring and the input range)."""
+        low, high = self.input_range
+        x = np.asarray(x, dtype=np.float32)
+        if self.mean is not None:
+            x = x + self.mean
+        if (low, high) != (0.0, 1.0):
+            x = (x - low) / (high - low)
+        return x.astype(np.float32)
+
+    def from_unit(self, x: np.ndarray) -> np.ndarray:
+        """[0, 1] images prepared as this dataset's are (input range, then centring)."""
+        low, high = self.input_range
+        x = np.asarray(x, dtype=np.float32)
+        if (low, high) != (0.0, 1.0):
+            x = x * (high - low) + low
+        if self.mean is not None:
+            x = x - self.mean
+        return x.astype(np.float32)
+
+    def with_input_range(self, low: float, high: float) -> Dataset:
+        """This dataset for a model that expects pixels in ``[low, high]`` instead of [0, 1]."""
+        low, high = float(low), float(high)
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
+            raise UserError(f"bad input range {low:g},{high:g}; expected LOW,HIGH with LOW < HIGH")
+        if (low, high) == tuple(self.input_range):
+            return self
+        old_low, old_high = self.input_range
+        mean = None
+        if self.mean is not None:
+            unit_mean = (np.asarray(self.mean) - old_low) / (old_high - old_low)
+            mean = (unit_mean * (high - low) + low).astype(np.float32)
+        target = dataclasses.replace(self, mean=mean, input_range=(low, high))
+        x_train = np.ascontiguousarray(target.from_unit(self.to_unit(self.x_train)))
+        x_test = np.ascontiguousarray(target.from_unit(self.to_unit(self.x_test)))
+        for arr in (x_train, x_test, mean):
+            if arr is not None:
+                arr.flags.writeable = False
+        return dataclasses.replace(target, x_train=x_train, x_test=x_test)
 
     def subset(
         self,
@@ -194,8 +241,34 @@ class Dataset:
             _check_options(self.name, _SPECS[self.name], None, None, fraction, per_class,
                            max_train, None, seed)  # fmt: skip
         idx = _train_subset(self.y_train, self.num_classes, fraction, per_class, max_train, seed)
-        if idx is None:
-            return self
+        return self if idx is None else self._with_train(idx)
+
+    def split(self, share: float | int, *, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """Two disjoint parts of the training split, stratified by class (scikit-learn).
+
+        The one split helper of the suite: owner / adversary, source / thief,
+        training / held-out. Both parts keep the test split.
+
+        Args:
+            share: the second part's size, as a share in (0, 1) or a count.
+            seed: the ``random_state`` of ``train_test_split``.
+
+        Returns:
+            ``(rest, part)``: ``part`` has ``share`` of the training images.
+        """
+        from sklearn.model_selection import train_test_split
+
+        n = len(self.y_train)
+        indices = np.arange(n)
+        try:
+            rest, part = train_test_split(
+                indices, test_size=share, stratify=self.y_train, random_state=seed
+            )
+        except ValueError as exc:
+            raise UserError(f"cannot split {n} '{self.name}' images by {share!r}: {exc}") from None
+        return self._with_train(np.sort(rest)), self._with_train(np.sort(part))
+
+    def _with_train(self, idx: np.ndarray) -> Dataset:
         x, y = _take(self.x_train, self.y_train, idx)
         x = np.ascontiguousarray(x)
         x.flags.writeable = y.flags.writeable = False
@@ -214,7 +287,8 @@ class Dataset:
     def __repr__(self) -> str:
         return (
             f"Dataset(name={self.name!r}, train={self.x_train.shape}, test={self.x_test.shape}, "
-            f"num_classes={self.num_classes}, centred={self.mean is not None})"
+            f"num_classes={self.num_classes}, centred={self.mean is not None}, "
+            f"input_range={tuple(self.input_range)})"
         )
 
 
@@ -329,7 +403,7 @@ def load(
 # --- argument checks -------------------------------------------------------------
 
 
-def load_for_model(name: str, model, *, resize: bool = True, **options: Any) -> Dataset:
+def load_for_model(name: str, model, *, resize: bool = False, **options: Any) -> Dataset:
     """Dataset ``name`` shaped for ``model``'s input and checked against its outputs.
 
     With ``resize``, images are resized and grey ones repeated over three
@@ -360,11 +434,12 @@ def load_for_model(name: str, model, *, resize: bool = True, **options: Any) -> 
             raise UserError(f"the model takes inputs of shape {shape}; only square images resize")
         size = shape[0] if shape[:2] != native[:2] else None
         channels = shape[2] if shape[2] != native[2] else None
-    data = load(name, size=size, channels=channels, **options)
-    if data.input_shape != shape:
+    if not resize and shape != native:
         raise UserError(
-            f"the model takes inputs of shape {shape} but {name} images are {data.input_shape}"
+            f"the model takes inputs of shape {shape} but {name} images are {native}; "
+            "pass --resize to fit the images to the model"
         )
+    data = load(name, size=size, channels=channels, **options)
     outputs = int(model.output_shape[-1])
     if outputs != data.num_classes:
         raise UserError(
@@ -449,7 +524,15 @@ def _take_quota(labels: np.ndarray, quota: np.ndarray, rng: np.random.Generator)
 def _stratified(
     labels: np.ndarray, n: int, num_classes: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Sorted indices of `n` images, each class represented in proportion (largest remainder)."""
+    """Sorted indices of `n` images, each class represented in proportion (largest remainder).
+
+    Why not scikit-learn's ``train_test_split(stratify=...)`` (which
+    :meth:`Dataset.split` uses): it refuses samples smaller than the number
+    of classes and classes with a single image, both of which the papers'
+    settings need (Aiken et al.'s 0.6% of a split, one image per class), and
+    it has no exact per-class quota (``per_class``). This sampler is exact
+    and shared by :func:`load` and :meth:`Dataset.subset`.
+    """
     counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
     total = int(counts.sum())
     quota, remainder = np.divmod(counts * n, total)  # exact integer arithmetic

@@ -3,36 +3,27 @@
 Every kind of unit in the suite follows one pattern (TFDS' ``__init_subclass__``
 registration): a subclass of :class:`Configured` sets a snake_case ``name``,
 which registers it in its kind's :class:`Registry`, and a frozen ``Config``
-dataclass, which :func:`build_config` fills from keyword options, refusing
-unknown keys. The registry imports the kind's modules lazily, when it is
-first asked for a name, so importing a package stays cheap.
+dataclass (see :mod:`models.config`), which :func:`build_config` fills from
+keyword options, refusing unknown keys, and ``presets``: for each of
+``smoke``, ``quick`` and ``paper``, the options that give the cheap or the
+faithful version of the unit, so a caller can ask for either without
+knowing the unit's fields. The registry imports the kind's modules lazily,
+when it is first asked for a name, so importing a package stays cheap.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from models.errors import UnknownNameError, UserError
+from models.config import build_config, replace
+from models.errors import UnknownNameError
 
-__all__ = ["Configured", "Registry", "build_config"]
+__all__ = ["PRESETS", "Configured", "Registry", "build_config"]
 
-
-def build_config(cls: type, values: Mapping[str, Any]):
-    """Build frozen dataclass ``cls`` from ``values``, refusing keys it does not have."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
-            f"expected some of: {', '.join(sorted(known))}"
-        )
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise UserError(f"bad options for {cls.__name__}: {exc}") from None
+#: The presets every unit offers: CI-sized, the offline default, the paper's setting.
+PRESETS = ("smoke", "quick", "paper")
 
 
 class Registry:
@@ -94,6 +85,8 @@ class Configured:
     registry: ClassVar[Registry]
     name: ClassVar[str]
     Config: ClassVar[type]
+    #: preset name -> options (dotted names reach nested configs: ``"train.epochs"``)
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -109,3 +102,19 @@ class Configured:
         elif not isinstance(config, self.Config):
             raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}")
         self.config = config
+
+    @classmethod
+    def preset_config(cls, preset: str, **overrides: Any):
+        """The config of preset ``preset`` (``smoke``, ``quick``, ``paper``) with ``overrides``.
+
+        Overrides may use dotted names for nested configs (``train.epochs``).
+        """
+        if preset not in PRESETS:
+            raise UnknownNameError("preset", preset, PRESETS)
+        values = {**cls.presets.get(preset, {}), **overrides}
+        return replace(cls.Config(), **values)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any):
+        """An instance configured by :meth:`preset_config`."""
+        return cls(cls.preset_config(preset, **overrides))

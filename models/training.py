@@ -35,11 +35,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
 
+from models import classifier
+from models.config import option, validate
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class TrainConfig:
     """How a model is trained.
 
     Args:
-        epochs: maximum number of epochs.
+        epochs: maximum number of epochs (0: no training, the model is kept as it is).
         batch_size: examples per step.
         optimizer: ``"adam"`` or ``"sgd"``.
         learning_rate: initial learning rate.
@@ -73,60 +74,19 @@ class TrainConfig:
         seed: seed for initial shuffling, dropout and everything random.
     """
 
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    momentum: float = 0.0
-    lr_schedule: str = "constant"
-    reduce_lr_on_plateau: bool = False
-    early_stopping_patience: int = 0
-    validation_split: float = 0.0
-    seed: int = 0
+    epochs: int = option(10, low=0, help="training epochs (0: none)")
+    batch_size: int = option(128, low=1, help="examples per step")
+    optimizer: str = option("adam", choices=OPTIMIZERS, help="the optimizer")
+    learning_rate: float = option(1e-3, low=0, low_open=True, help="initial learning rate")
+    momentum: float = option(0.0, low=0, high=0.999999, help="SGD momentum")
+    lr_schedule: str = option("constant", choices=LR_SCHEDULES, help="learning-rate schedule")
+    reduce_lr_on_plateau: bool = option(False, help="add ReduceLROnPlateau")
+    early_stopping_patience: int = option(0, low=0, help="EarlyStopping patience (0: off)")
+    validation_split: float = option(0.0, low=0, high=0.99, help="share held out for validation")
+    seed: int = option(0, low=0, high=2**32 - 1, help="seed of the training")
 
     def __post_init__(self):
-        for name in ("learning_rate", "momentum", "validation_split"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise UserError(f"{name} must be a number, got {value!r}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise UserError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise UserError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise UserError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(
-                f"unknown optimizer {self.optimizer!r}; expected one of: {', '.join(OPTIMIZERS)}"
-            )
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise UserError(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if not 0 <= self.momentum < 1:
-            raise UserError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise UserError(
-                f"unknown lr_schedule {self.lr_schedule!r}; expected one of: {', '.join(LR_SCHEDULES)}"
-            )
-        if not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 0:
-            raise UserError(
-                f"early_stopping_patience must be >= 0, got {self.early_stopping_patience!r}"
-            )
-        if not 0 <= self.validation_split < 1:
-            raise UserError(f"validation_split must be in [0, 1), got {self.validation_split!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build a config from a mapping; an unknown key is an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(
-                f"unknown training option {unknown[0]!r}; expected one of: {', '.join(sorted(known))}"
-            )
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise UserError(f"bad training options: {exc}") from None
+        validate(self)
 
     @classmethod
     def cae(cls, epochs: int = 200, **overrides) -> TrainConfig:
@@ -166,6 +126,24 @@ class TrainResult:
     train_examples: int = 0
     from_cache: bool = False
     key: str = ""
+    snapshots: list[Path] = field(default_factory=list)
+
+    def replay(self, fn: Callable[[keras.Model], float]) -> list[float]:
+        """``fn(model)`` at the weights of every epoch (needs ``train(..., snapshots=True)``).
+
+        How one training of a clean model gives the per-epoch curve of any
+        key measured later (Aiken et al.'s threshold, Fig. 5); the model is
+        left at its final weights.
+        """
+        final = self.model.get_weights()
+        try:
+            values = []
+            for path in self.snapshots:
+                self.model.load_weights(path)
+                values.append(float(fn(self.model)))
+            return values
+        finally:
+            self.model.set_weights(final)
 
     @property
     def images_per_second(self) -> float:
@@ -179,28 +157,6 @@ class TrainResult:
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow (and so Keras) in one call."""
     keras.utils.set_random_seed(int(seed))
-
-
-def outputs_probabilities(model: keras.Model) -> bool:
-    """Whether a classifier ends in a softmax (zoo models do), looking inside nested models."""
-    last = model.layers[-1] if model.layers else None
-    while isinstance(last, keras.Model) and last.layers:
-        last = last.layers[-1]
-    if isinstance(last, keras.layers.Softmax):
-        return True
-    return getattr(getattr(last, "activation", None), "__name__", "") == "softmax"
-
-
-def predict_labels(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Arg-max labels of ``model`` on ``x``, batched."""
-    return np.argmax(model.predict(x, batch_size=batch_size, verbose=0), axis=-1)
-
-
-def evaluate_accuracy(
-    model: keras.Model, x: np.ndarray, y: Sequence[int] | np.ndarray, batch_size: int = 256
-) -> float:
-    """Top-1 accuracy of ``model`` on ``(x, y)``."""
-    return float(np.mean(predict_labels(model, x, batch_size) == np.asarray(y).reshape(-1)))
 
 
 def default_cache_dir() -> Path:
@@ -363,22 +319,77 @@ def _callbacks(
     return callbacks
 
 
-class EpochMetric(keras.callbacks.Callback):
-    """Adds ``name: fn(model)`` to every epoch's logs, so the history (and the cache) keep it.
+class Hook(keras.callbacks.Callback):
+    """A named measurement of the model, taken after every epoch, round or step of a unit.
 
-    For curves over training that are not Keras metrics: a watermark's
-    accuracy per epoch, a trigger set's AccTri. Give :func:`train` a
-    ``cache_tag`` naming the metric, so a cached run without it is not reused.
+    The one way to follow a curve through any unit's work: a watermark's
+    accuracy over the epochs of a fine-tuning attack, over the rounds of
+    laundering, or over the keys of a sequential overwrite. Units that train
+    through :func:`train` pass their hooks on as Keras callbacks (the value
+    goes into every epoch's logs, so the history and the cache keep it);
+    other loops call ``hook(model)`` and record the value themselves. The
+    ``name`` enters the training cache key, so it must say what is measured
+    (e.g. ``"wm_acc:" + key digest``).
+
+    Args:
+        name: what is measured, unique within one run.
+        fn: ``model -> float``.
     """
 
     def __init__(self, name: str, fn: Callable[[keras.Model], float]):
         super().__init__()
-        self.metric_name = name
+        self.name = name
         self.fn = fn
+
+    def __call__(self, model) -> float:
+        return float(self.fn(model))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs[self.metric_name] = float(self.fn(self.model))
+            logs[self.name] = self(self.model)
+
+
+def hook_curves(history: dict[str, list[float]], hooks: Sequence[Hook]) -> dict[str, list[float]]:
+    """The values ``hooks`` left in a training's history, by hook name."""
+    return {hook.name: list(history.get(hook.name, [])) for hook in hooks}
+
+
+_CACHING = {"enabled": True}
+
+
+def set_caching(enabled: bool) -> None:
+    """Whether :func:`train` reuses cached trainings by default (``--no-cache`` turns it off)."""
+    _CACHING["enabled"] = bool(enabled)
+
+
+def caching() -> bool:
+    """The default of :func:`train`'s ``cache``."""
+    return _CACHING["enabled"]
+
+
+def deterministic(enabled: bool = True) -> bool:
+    """Turn on TensorFlow's op determinism (same seed, same machine kind: same numbers).
+
+    Once on it stays on for the process (TensorFlow offers no way back).
+    Returns whether it is on.
+    """
+    import tensorflow as tf
+
+    if enabled:
+        tf.config.experimental.enable_op_determinism()
+    return bool(enabled) or determinism_enabled()
+
+
+def determinism_enabled() -> bool:
+    """Whether TensorFlow's op determinism is on in this process."""
+    import tensorflow as tf
+
+    check = getattr(tf.config.experimental, "is_op_determinism_enabled", None)
+    if check is not None:
+        return bool(check())
+    from tensorflow.python.framework import config as tf_config  # older TensorFlow
+
+    return bool(tf_config.is_op_determinism_enabled())
 
 
 def compile_for_training(
@@ -393,7 +404,7 @@ def compile_for_training(
             cross-entropy; accuracy compares the arg-maxes) instead of
             integer labels (sparse categorical cross-entropy).
     """
-    from_logits = not outputs_probabilities(model)
+    from_logits = not classifier.outputs_probabilities(model)
     if probability_targets:
         loss = keras.losses.CategoricalCrossentropy(from_logits=from_logits)
         metric = keras.metrics.CategoricalAccuracy(name="accuracy")
@@ -407,12 +418,33 @@ def _progress_verbosity() -> int:
     return 1 if sys.stderr.isatty() else 2
 
 
-def _write_cache_entry(entry: Path, model: keras.Model, meta: dict) -> None:
-    """Write model + metadata into a temporary folder, then rename it into place."""
+class _Snapshots(keras.callbacks.Callback):
+    """Saves the weights after every epoch (beside the checkpoint, so a resumed run keeps them)."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / f"epoch_{epoch + 1:04d}.weights.h5"
+        staging = self.folder / f".epoch_{epoch + 1:04d}.weights.h5"
+        self.model.save_weights(staging)
+        os.replace(staging, target)
+
+
+def _snapshot_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("epoch_*.weights.h5")) if folder.is_dir() else []
+
+
+def _write_cache_entry(entry: Path, model: keras.Model, meta: dict, snapshots: Path) -> None:
+    """Write model + metadata (+ per-epoch snapshots) into a temporary folder, then rename it."""
     staging = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     model.save_weights(staging / "model.weights.h5")
+    if _snapshot_files(snapshots):
+        shutil.copytree(snapshots, staging / "snapshots")
     (staging / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     shutil.rmtree(entry, ignore_errors=True)
     os.replace(staging, entry)
@@ -423,10 +455,12 @@ def train(
     data,
     config: TrainConfig,
     *,
-    cache: bool = True,
+    cache: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     cache_tag: str = "",
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    hooks: Sequence[Hook] = (),
+    snapshots: bool = False,
     verbose: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place, or restore it from the cache.
@@ -447,15 +481,18 @@ def train(
             categorical cross-entropy. The targets are part of the cache key.
         config: the training recipe; ``config.seed`` seeds the run.
         cache: reuse a finished training with the same key; ``False``
-            retrains from scratch (dropping any checkpoint) and replaces the entry.
+            retrains from scratch (dropping any checkpoint) and replaces the
+            entry; None (default) follows :func:`set_caching`.
         cache_dir: where trained models and checkpoints live
             (default :func:`default_cache_dir`).
         cache_tag: goes into the cache key; give one whenever ``callbacks``
             or the model's own ``train_step`` change what training produces.
         callbacks: extra Keras callbacks, run after the suite's own (the
-            checkpoint of an epoch is written before they see its end). The
-            value an :class:`EpochMetric` adds to an epoch's ``logs`` is kept
-            in the history, also in the cache.
+            checkpoint of an epoch is written before they see its end).
+        hooks: measurements after every epoch (:class:`Hook`); their values
+            are kept in the history, also in the cache, and their names
+            enter the cache key.
+        snapshots: keep the weights of every epoch (``TrainResult.replay``).
         verbose: Keras progress (default: a bar on a terminal, a line per
             epoch otherwise).
 
@@ -466,6 +503,11 @@ def train(
         does next is the same on a rerun.
     """
     x, y = _training_arrays(data)
+    cache = caching() if cache is None else cache
+    if hooks:
+        cache_tag = f"{cache_tag}|hooks:{','.join(sorted(h.name for h in hooks))}"
+    if snapshots:
+        cache_tag = f"{cache_tag}|snapshots"
     probability_targets = y.ndim == 2
     outputs = getattr(model, "outputs", None)  # None for a subclassed model: Keras checks later
     if probability_targets and outputs and y.shape[1] != outputs[0].shape[-1]:
@@ -479,6 +521,9 @@ def train(
     meta_path = entry / "meta.json"
     backup_dir = root / "checkpoints" / key
     compile_for_training(model, config, probability_targets=probability_targets)
+    if config.epochs == 0:
+        seed_everything(config.seed)
+        return TrainResult(model, {}, 0.0, 0, len(x), False, key)
     if cache and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         model.optimizer.build(model.trainable_variables)  # so its saved state loads too
@@ -495,6 +540,7 @@ def train(
             train_examples=meta["train_examples"],
             from_cache=True,
             key=key,
+            snapshots=_snapshot_files(entry / "snapshots"),
         )
 
     if not cache:
@@ -513,17 +559,17 @@ def train(
         epochs=config.epochs,
         validation_data=validation,
         shuffle=True,
-        # EpochMetric values must be in the logs before the run log keeps them; every other
+        # hook values must be in the logs before the run log keeps them; every other
         # callback sees the epoch only once its history is on disk (a kill there loses nothing)
         callbacks=[
             *_callbacks(config, backup_dir, validated=n_val > 0),
-            *(c for c in callbacks if isinstance(c, EpochMetric)),
+            *([_Snapshots(backup_dir / "snapshots")] if snapshots else []),
+            *hooks,
             run_log,
-            *(c for c in callbacks if not isinstance(c, EpochMetric)),
+            *callbacks,
         ],
         verbose=_progress_verbosity() if verbose is None else verbose,
     )
-    shutil.rmtree(backup_dir, ignore_errors=True)  # BackupAndRestore leaves the run log
     epochs_run = len(run_log.history.get("loss", []))
     meta = {
         "model": model.name,
@@ -533,7 +579,17 @@ def train(
         "epochs_run": epochs_run,
         "train_examples": len(x_fit),
     }
-    _write_cache_entry(entry, model, meta)
+    _write_cache_entry(entry, model, meta, backup_dir / "snapshots")
+    shutil.rmtree(backup_dir, ignore_errors=True)  # BackupAndRestore leaves the run log
     seed_everything(config.seed)
     log.info("%s: trained %d epochs in %.1f s", model.name, epochs_run, run_log.seconds)
-    return TrainResult(model, run_log.history, run_log.seconds, epochs_run, len(x_fit), False, key)
+    return TrainResult(
+        model,
+        run_log.history,
+        run_log.seconds,
+        epochs_run,
+        len(x_fit),
+        False,
+        key,
+        _snapshot_files(entry / "snapshots"),
+    )

@@ -36,9 +36,10 @@ import models
 from attacks.finetune import FineTune, FineTuneConfig, with_data
 from attacks.overwrite import Overwrite, OverwriteConfig
 from attacks.pruning import magnitude_prune
+from models import classifier
 from models.errors import UserError
 from models.registry import build_config
-from models.training import EpochMetric, TrainConfig, evaluate_accuracy
+from models.training import Hook, TrainConfig
 from reproduce import zoo
 from reproduce.report import Run, save_figure
 from watermarks.bilevel import BiLevel, BiLevelConfig, hypergradient_cosine, r_auth
@@ -312,7 +313,7 @@ def _experiment(
     models.seed_everything(config.seed)
     base = models.build(experiment.model, data.input_shape, data.num_classes)
     result = models.train(base, data, recipe, cache=config.cache, verbose=0)
-    acc0 = evaluate_accuracy(base, split.x_test, split.y_test)
+    acc0 = classifier.accuracy(base, split.x_test, split.y_test)
     log.info(
         "%s: base model test accuracy %.4f (cached: %s)", experiment.model, acc0, result.from_cache
     )
@@ -320,7 +321,7 @@ def _experiment(
     tag = {"model": experiment.model, "dataset": experiment.dataset}
 
     def accuracy(model) -> float:
-        return evaluate_accuracy(model, split.x_test, split.y_test)
+        return classifier.accuracy(model, split.x_test, split.y_test)
 
     # -- Table 1, Figs. 3 and 8: one embedding per number of keys
     rows, marked = [], {}
@@ -371,8 +372,8 @@ def _experiment(
         for watermark, subject in (("bi-level", model), ("control", base)):
             before = accuracy(subject)
             metrics = [
-                EpochMetric("r_auth", lambda m: r_auth(m, key)),
-                EpochMetric("test_accuracy", accuracy),
+                Hook("r_auth", lambda m: r_auth(m, key)),
+                Hook("test_accuracy", accuracy),
             ]
             history = FineTune(ft).run(subject, split.adversary, callbacks=metrics).history
             curve = [(0, r_auth(subject, key), before)] + [

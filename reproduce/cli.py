@@ -23,6 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
+from models.cli import OneLineParser, quiet_keras
 from models.errors import EXIT_USER_ERROR, UnknownNameError, UserError
 
 log = logging.getLogger("reproduce")
@@ -79,8 +80,11 @@ def run_paper(
     Returns:
         The output folder.
     """
+    from models.training import deterministic, set_caching
     from reproduce.report import Run
 
+    deterministic()
+    set_caching(cache)
     if preset not in PRESETS:
         raise UnknownNameError("preset", preset, PRESETS)
     module = paper_module(paper)
@@ -134,19 +138,13 @@ def plot_folder(folder: str | Path) -> list[Path]:
 def _claims_hold(out: Path) -> bool:
     import pandas as pd
 
-    claims = pd.read_csv(out / "claims.csv")
-    return bool(claims["holds"].astype(str).eq("True").all())
+    from reproduce.report import claims_hold
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line and exits 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see --help\n")
+    return claims_hold(pd.read_csv(out / "claims.csv"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m reproduce",
         description="Re-run the papers' experiments; writes tables, figures, claims.csv and REPORT.md.",
     )
@@ -164,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any claim does not hold")
     parser.add_argument("--no-cache", action="store_true", help="retrain models even if cached")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress on stderr")
     return parser
 
 
@@ -177,8 +176,12 @@ def _list() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        quiet_keras()
     try:
         if args.target == "list":
             _list()

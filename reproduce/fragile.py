@@ -41,8 +41,9 @@ import pandas as pd
 
 import models
 from attacks.malicious import MaliciousConfig, MaliciousFineTune
+from models import classifier
 from models.errors import UserError
-from models.training import EpochMetric, TrainConfig, evaluate_accuracy
+from models.training import Hook, TrainConfig
 from reproduce.report import Run, save_figure
 from watermarks.base import Key
 from watermarks.fragile import FragileConfig, FragileTrigger, trigger_accuracy, trigger_report
@@ -295,7 +296,7 @@ def _adversary_data(data, config: FragileRunConfig):
 def _attack(model, data, keys: dict[str, Key], config: FragileRunConfig, layers: str):
     """Malicious fine-tuning of ``model`` with AccTri of every key after every epoch."""
     callbacks = [
-        EpochMetric(f"acctri/{name}", lambda m, k=key: trigger_accuracy(m, k.inputs, k.labels))
+        Hook(f"acctri/{name}", lambda m, k=key: trigger_accuracy(m, k.inputs, k.labels))
         for name, key in keys.items()
     ]
     attack_config = MaliciousConfig.paper(
@@ -314,7 +315,7 @@ def _attack(model, data, keys: dict[str, Key], config: FragileRunConfig, layers:
     )
     curves = {name: [float(v) for v in run.result.history[f"acctri/{name}"]] for name in keys}
     after = {
-        "test_accuracy": evaluate_accuracy(run.model, data.x_test, data.y_test),
+        "test_accuracy": classifier.accuracy(run.model, data.x_test, data.y_test),
         "backdoor_success": run.backdoor_success(),
         "optimizer": f"{attack_config.optimizer} {attack_config.learning_rate:g}",
         "trained_layers": " ".join(run.trained_layers),
@@ -372,7 +373,7 @@ def _baseline(model, data, key_non: Key, config: FragileRunConfig) -> dict:
         copy, (x, y), recipe, cache=config.cache, cache_tag="fragile/baseline14", verbose=0
     )
     return {
-        "test_accuracy": evaluate_accuracy(copy, data.x_test, data.y_test),
+        "test_accuracy": classifier.accuracy(copy, data.x_test, data.y_test),
         "trigger_accuracy": trigger_accuracy(copy, key_non.inputs, y_sk),
     }
 
@@ -411,7 +412,7 @@ def run(config: FragileRunConfig, out: Run) -> None:
     for entry in (config.main, *config.others):
         model, result = _train_classifier(entry, data, config.cache)
         classifiers[entry.model] = model
-        accuracy[entry.model] = evaluate_accuracy(model, data.x_test, data.y_test)
+        accuracy[entry.model] = classifier.accuracy(model, data.x_test, data.y_test)
         log.info(
             "%s: test accuracy %.4f (cache: %s)",
             entry.model,
@@ -445,7 +446,7 @@ def run(config: FragileRunConfig, out: Run) -> None:
     identical = len(before) == len(after) and all(
         np.array_equal(b, c) for b, c in zip(before, after, strict=True)
     )
-    accuracy_after = evaluate_accuracy(main, data.x_test, data.y_test)
+    accuracy_after = classifier.accuracy(main, data.x_test, data.y_test)
     clock.lap("train generators")
 
     # -- F7: no false alarm ---------------------------------------------------------------
@@ -597,7 +598,7 @@ def run(config: FragileRunConfig, out: Run) -> None:
                     {
                         "classifier": config.cifar100.model,
                         "a": config.cifar100_a,
-                        "test_accuracy": evaluate_accuracy(
+                        "test_accuracy": classifier.accuracy(
                             model100, data100.x_test, data100.y_test
                         ),
                         "acctri_unmodified": trigger_accuracy(

@@ -31,7 +31,8 @@ from attacks.finetune import FineTune, FineTuneConfig
 from attacks.laundering import Laundering, LaunderingConfig, mask_images
 from attacks.neural_cleanse import NeuralCleanseConfig
 from attacks.pruning import FinePruning, FinePruningConfig, MagnitudePruning, PruningConfig
-from models.training import TrainConfig, evaluate_accuracy
+from models import classifier
+from models.training import TrainConfig
 from reproduce.report import Run, save_figure
 from watermarks.backdoor import (
     AdiAbstract,
@@ -288,7 +289,7 @@ class _Marked:
 
 def _scores(model, data, key) -> tuple[float, float]:
     return (
-        evaluate_accuracy(model, data.x_test, data.y_test),
+        classifier.accuracy(model, data.x_test, data.y_test),
         watermark_accuracy(model, key),
     )
 
@@ -310,7 +311,7 @@ def _mark_zhang(config, part, data, fig5_rows) -> list[_Marked]:
     models.seed_everything(part.train.seed)
     vanilla = models.build(part.model, data.input_shape, data.num_classes)
     curves = null_accuracies(vanilla, data, list(keys.values()), part.train, cache=config.cache)
-    vanilla_acc = evaluate_accuracy(vanilla, data.x_test, data.y_test)
+    vanilla_acc = classifier.accuracy(vanilla, data.x_test, data.y_test)
     marked = []
     for (name, scheme), curve in zip(schemes.items(), curves, strict=True):
         for epoch, value in enumerate(curve, start=1):
@@ -349,7 +350,7 @@ def _mark_adi(config, part, data, fig5_rows) -> list[_Marked]:
     models.seed_everything(part.train.seed)
     vanilla = models.build(part.model, data.input_shape, data.num_classes)
     curve = null_accuracies(vanilla, train_data, key, part.train, cache=config.cache)
-    vanilla_acc = evaluate_accuracy(vanilla, data.x_test, data.y_test)
+    vanilla_acc = classifier.accuracy(vanilla, data.x_test, data.y_test)
     for epoch, value in enumerate(curve, start=1):
         fig5_rows.append(
             {
@@ -543,7 +544,7 @@ def run(config: LaunderingRunConfig, out: Run) -> None:
             models.seed_everything(config.seed)
             fresh = models.build(mark.part.model, data.input_shape, data.num_classes)
             models.train(fresh, adversary, config.scratch_train, cache=config.cache, verbose=0)
-            scratch[key] = evaluate_accuracy(fresh, data.x_test, data.y_test)
+            scratch[key] = classifier.accuracy(fresh, data.x_test, data.y_test)
         table[-1]["scratch_test_acc"] = round(scratch[key], 4)
         # the removal attempts the paper compares with
         if is_adi:

@@ -15,13 +15,15 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import math
+import operator
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,40 @@ from typing import Any
 import pandas as pd
 
 from models.errors import UserError
+from models.io import atomic_write, umask_mode
 
 log = logging.getLogger(__name__)
 
-CLAIM_COLUMNS = ["claim", "description", "paper", "measured", "holds"]
+CLAIM_COLUMNS = [
+    "claim",
+    "description",
+    "paper",
+    "measured",
+    "holds",
+    "metric",
+    "op",
+    "threshold",
+    "required",
+]
+PUBLISHED_COLUMNS = [
+    "claim",
+    "preset",
+    "description",
+    "paper_value",
+    "metric",
+    "op",
+    "threshold",
+    "required",
+]
+NOT_MEASURED = "not measured"
+_OPS = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+    "==": operator.eq,
+}
+PUBLISHED_DIR = Path(__file__).with_name("published")
 _LIBRARIES = (
     "tensorflow",
     "keras",
@@ -47,17 +79,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Save a matplotlib figure atomically and close it."""
+    """Save a matplotlib figure atomically (readable as any file the user writes) and close it."""
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_write(path) as handle:
+            fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
     return path
 
@@ -85,14 +114,36 @@ def environment() -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    from models.training import determinism_enabled
+
     return {
         "git_revision": revision or "unknown",
         "git_dirty": dirty,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "processor": _processor(),
+        "devices": _devices(),
+        "op_determinism": determinism_enabled(),
         "libraries": versions,
         "command": sys.argv,
     }
+
+
+def _processor() -> str:
+    """The CPU model (what decides float round-off on a CPU run), as /proc/cpuinfo names it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _devices() -> list[str]:
+    import tensorflow as tf
+
+    return [f"{d.device_type}:{d.name}" for d in tf.config.list_physical_devices()]
 
 
 def _jsonable(value: Any) -> Any:
@@ -107,13 +158,83 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-@dataclass
-class Claim:
-    claim: str
-    description: str
-    paper: str
-    measured: float | str
-    holds: bool
+def published(paper: str, preset: str | None = None) -> pd.DataFrame:
+    """The published numbers and claims of ``paper`` (``reproduce/published/<paper>.csv``).
+
+    One schema for every paper (:data:`PUBLISHED_COLUMNS`): a row with an
+    ``op`` is a claim (``metric op threshold``, where ``threshold`` is a
+    number or ``@metric``, another measured value); a row without one is a
+    published value shown beside a measured one. ``preset`` limits a row to
+    one preset (empty: all). ``required=false`` rows are reported, never
+    counted as a failure.
+    """
+    path = PUBLISHED_DIR / f"{paper}.csv"
+    frame = pd.read_csv(path, dtype={"preset": str, "threshold": str, "paper_value": str})
+    if list(frame.columns) != PUBLISHED_COLUMNS:
+        raise ValueError(f"{path} has columns {list(frame.columns)}; expected {PUBLISHED_COLUMNS}")
+    frame["preset"] = frame["preset"].fillna("")
+    frame["op"] = frame["op"].fillna("")
+    bad = sorted(set(frame["op"]) - set(_OPS) - {""})
+    if bad:
+        raise ValueError(f"{path}: unknown op(s) {bad}; expected one of {sorted(_OPS)}")
+    if preset is not None:
+        frame = frame[frame["preset"].isin(["", preset])]
+    return frame.reset_index(drop=True)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def evaluate_claims(
+    rows: pd.DataFrame, measured: Mapping[str, Any], context: Mapping[str, Any]
+) -> pd.DataFrame:
+    """claims.csv from the published claim rows and the run's measurements.
+
+    ``holds`` is True or False where the metric (and a ``@metric`` threshold)
+    was measured, and ``"not measured"`` otherwise. Descriptions are filled
+    from ``context`` (``{epochs}`` says how many epochs this preset ran).
+    """
+    out = []
+    for row in rows[rows["op"] != ""].itertuples():
+        value = _number(measured.get(row.metric))
+        threshold_text = str(row.threshold)
+        if threshold_text.startswith("@"):
+            threshold = _number(measured.get(threshold_text[1:]))
+        else:
+            threshold = _number(threshold_text)
+        if value is None or threshold is None:
+            holds: bool | str = NOT_MEASURED
+        else:
+            holds = bool(_OPS[row.op](value, threshold))
+        try:
+            description = str(row.description).format(**context)
+        except (KeyError, IndexError, ValueError):
+            description = str(row.description)
+        out.append(
+            {
+                "claim": row.claim,
+                "description": description,
+                "paper": "" if pd.isna(row.paper_value) else row.paper_value,
+                "measured": NOT_MEASURED if value is None else value,
+                "holds": holds,
+                "metric": row.metric,
+                "op": row.op,
+                "threshold": threshold_text if threshold is None else threshold,
+                "required": str(row.required).strip().lower() == "true",
+            }
+        )
+    return pd.DataFrame(out, columns=CLAIM_COLUMNS)
+
+
+def claims_hold(claims: pd.DataFrame) -> bool:
+    """Whether every required claim row holds (``--strict``)."""
+    required = claims[claims["required"].astype(str).str.lower() == "true"]
+    return bool(required["holds"].astype(str).eq("True").all())
 
 
 @dataclass
@@ -135,7 +256,8 @@ class Run:
     out: Path
     config: Any
     preset_notes: str = ""
-    claims: list[Claim] = field(default_factory=list)
+    measured: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
     sections: list[tuple[str, str]] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     staging: Path = field(init=False)
@@ -179,11 +301,29 @@ class Run:
         self.tables.append(name)
         return path
 
-    def claim(
-        self, claim: str, description: str, paper: str, measured: float | str, holds: bool
-    ) -> None:
-        """Record one published claim and whether this run reproduced it."""
-        self.claims.append(Claim(claim, description, str(paper), measured, bool(holds)))
+    def measure(self, metric: str, value: Any) -> None:
+        """Record a measured value; the published claims on ``metric`` are evaluated at commit."""
+        if metric in self.measured:
+            raise ValueError(f"metric {metric!r} measured twice")
+        number = _number(value)
+        self.measured[metric] = number if number is not None or value is None else value
+
+    def describe(self, **values: Any) -> None:
+        """Values the claim descriptions name (``{epochs}``), as this preset ran them."""
+        self.context.update(values)
+
+    def published(self) -> pd.DataFrame:
+        """This paper's published rows for this preset (see :func:`published`)."""
+        return published(self.paper, self.preset)
+
+    def paper_value(self, claim: str, metric: str) -> str:
+        """The published value of row (``claim``, ``metric``), as the paper gives it."""
+        rows = self.published()
+        match = rows[(rows["claim"] == claim) & (rows["metric"] == metric)]
+        if match.empty:
+            raise KeyError(f"no published row {claim!r}/{metric!r} for {self.paper}")
+        value = match.iloc[0]["paper_value"]
+        return "" if pd.isna(value) else str(value)
 
     def section(self, title: str, markdown: str) -> None:
         """Add a section of free text to REPORT.md."""
@@ -191,7 +331,7 @@ class Run:
 
     # -- what the runner calls -----------------------------------------------------
     def claims_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([dataclasses.asdict(c) for c in self.claims], columns=CLAIM_COLUMNS)
+        return evaluate_claims(self.published(), self.measured, self.context)
 
     def _report(self, figures: Iterable[Path]) -> str:
         lines = [f"# {self.title}", "", f"Preset `{self.preset}`."]
@@ -203,9 +343,12 @@ class Run:
                 self.preset_notes.strip(),
             ]
         claims = self.claims_frame()
-        held = int(claims["holds"].sum()) if len(claims) else 0
-        lines += ["", f"## Claims ({held} of {len(claims)} hold)", ""]
-        lines.append(claims.to_markdown(index=False) if len(claims) else "No claims.")
+        held = int(claims["holds"].astype(str).eq("True").sum())
+        unmeasured = int(claims["holds"].astype(str).eq(NOT_MEASURED).sum())
+        lines += ["", f"## Claims ({held} of {len(claims)} rows hold", ""]
+        lines[-2] += f"; {unmeasured} not measured)" if unmeasured else ")"
+        shown = claims.drop(columns=["op", "threshold"]) if len(claims) else claims
+        lines.append(shown.to_markdown(index=False) if len(claims) else "No claims.")
         for name in self.tables:
             frame = pd.read_csv(self.staging / f"{name}.csv")
             lines += ["", f"## {name}", "", frame.to_markdown(index=False, floatfmt=".4g")]
@@ -220,12 +363,13 @@ class Run:
         figures = list(figures)
         config = {"paper": self.paper, "preset": self.preset, "config": _jsonable(self.config)}
         config["environment"] = environment()
+        config["measured"] = self.measured
         (self.staging / "config.json").write_text(
-            json.dumps(config, indent=2, sort_keys=True) + "\n"
+            json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
         )
         self.claims_frame().to_csv(self.staging / "claims.csv", index=False)
         (self.staging / "REPORT.md").write_text(self._report(figures))
-        self.staging.chmod(0o755)  # mkdtemp makes it private
+        self.staging.chmod(umask_mode(executable=True))  # mkdtemp makes it private
         if self.out.exists():  # an earlier run (checked above): replace it whole
             previous = self.staging.with_name(self.staging.name + "-previous")
             os.replace(self.out, previous)

@@ -16,8 +16,9 @@ from pathlib import Path
 import pandas as pd
 
 import models
+from models import classifier
 from models.errors import UserError
-from models.training import TrainConfig, evaluate_accuracy
+from models.training import TrainConfig
 from reproduce.report import Run, save_figure
 
 TITLE = "Base models of the zoo"
@@ -141,7 +142,7 @@ def run(config: ZooConfig, out: Run) -> None:
         models.seed_everything(config.seed)
         model = models.build(entry.model, dataset.input_shape, dataset.num_classes)
         result = models.train(model, dataset, entry.train, cache=config.cache)
-        accuracy = evaluate_accuracy(model, dataset.x_test, dataset.y_test)
+        accuracy = classifier.accuracy(model, dataset.x_test, dataset.y_test)
         rows.append(
             {
                 "model": entry.model,

@@ -4,6 +4,24 @@
 key)`` checks a model against a saved :class:`Key`. See :mod:`watermarks.base`.
 """
 
-from watermarks.base import Key, Verification, Watermark, get, names, normal_p_value, verify
+from watermarks.base import (
+    EmbeddingFailed,
+    Key,
+    Marked,
+    Verification,
+    Watermark,
+    get,
+    names,
+    verify,
+)
 
-__all__ = ["Key", "Verification", "Watermark", "get", "names", "normal_p_value", "verify"]
+__all__ = [
+    "EmbeddingFailed",
+    "Key",
+    "Marked",
+    "Verification",
+    "Watermark",
+    "get",
+    "names",
+    "verify",
+]

@@ -93,13 +93,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from models import classifier
+from models.config import build_config
 from models.errors import UnknownNameError, UserError
-from models.training import (
-    TrainConfig,
-    evaluate_accuracy,
-    seed_everything,
-)
-from watermarks.base import Key, Verification, Watermark, normal_p_value
+from models.evidence import null_p_value
+from models.training import TrainConfig, seed_everything
+from watermarks.base import Key, Verification, Watermark
 
 __all__ = [
     "SIGNIFICANCE",
@@ -171,7 +170,7 @@ def _coerce_train(config) -> None:
     """Accept the recipe as a TrainConfig or, as read back from a key's JSON, a dict."""
     train = config.train
     if isinstance(train, dict):
-        object.__setattr__(config, "train", TrainConfig.from_dict(train))
+        object.__setattr__(config, "train", build_config(TrainConfig, train))
     elif not isinstance(train, TrainConfig):
         raise UserError(f"train must be a TrainConfig or a dict of its fields, got {train!r}")
 
@@ -529,7 +528,7 @@ def _clean_then_watermark(data, x_wm, y_wm, recipe: TrainConfig):
 def watermark_accuracy(model: keras.Model, key: Key, batch_size: int = 256) -> float:
     """The share of the key's inputs that ``model`` labels with their key label."""
     key.check_fits(model)
-    return evaluate_accuracy(model, key.inputs, key.labels, batch_size)
+    return classifier.accuracy(model, key.inputs, key.labels, batch_size)
 
 
 def calibrate(key: Key, null_accuracies: np.ndarray) -> Key:
@@ -573,7 +572,7 @@ def null_accuracies(
     """Train a clean model and record its watermark accuracy after every epoch (Fig. 5).
 
     The training is :func:`models.train` (cached, resumable); an
-    :class:`models.training.EpochMetric` per key scores the model on the key's
+    :class:`models.training.Hook` per key scores the model on the key's
     inputs after every epoch, and the values live in the training's history,
     so a rerun neither trains nor scores again.
 
@@ -594,7 +593,7 @@ def null_accuracies(
         One accuracy per epoch run (early stopping may end it early); for a
         sequence of keys, an array of shape ``(len(keys), epochs)``.
     """
-    from models.training import EpochMetric, train
+    from models.training import Hook, train
 
     keys = [key] if isinstance(key, Key) else list(key)
     if not keys:
@@ -606,7 +605,7 @@ def null_accuracies(
         k.check_fits(model)
     names = [f"watermark_accuracy_{i}" for i in range(len(keys))]
     metrics = [
-        EpochMetric(name, lambda m, k=k: evaluate_accuracy(m, k.inputs, k.labels))
+        Hook(name, lambda m, k=k: classifier.accuracy(m, k.inputs, k.labels))
         for name, k in zip(names, keys, strict=True)
     ]
     tag = "null-accuracies/v2:" + ",".join(_digest(k.inputs, k.labels) for k in keys)
@@ -643,7 +642,7 @@ class _Backdoor(Watermark):
                 "watermarks.backdoor.calibrate(key, null_accuracies(...)))"
             )
         accuracy = watermark_accuracy(model, key, batch_size)
-        p_value = normal_p_value(accuracy, null)
+        p_value, _ = null_p_value(accuracy, null)
         detected = accuracy > float(threshold)
         relation = ">" if detected else "<="
         significance = "significant" if p_value < SIGNIFICANCE else "not significant"
@@ -1042,7 +1041,7 @@ def _embed_command(args) -> int:
     except BaseException:
         out_key.unlink(missing_ok=True)  # no key without its model
         raise
-    test_acc = evaluate_accuracy(marked, data.x_test, data.y_test)
+    test_acc = classifier.accuracy(marked, data.x_test, data.y_test)
     print(f"scheme:              {args.scheme}")
     print(f"test accuracy:       {test_acc:.4f} on {len(data.y_test)} '{args.dataset}' test images")
     print(f"watermark accuracy:  {watermark_accuracy(marked, key):.4f} on {len(key)} key inputs")

@@ -1,9 +1,16 @@
-"""The watermark interface every scheme implements: ``Key``, ``Verification`` and ``Watermark``.
+"""The watermark interface every scheme implements: ``Key``, ``Marked`` and ``Watermark``.
 
 A scheme is one subclass of :class:`Watermark` with a frozen config dataclass
-(``Config``) and a snake_case ``name``; defining the subclass registers it
-(TFDS' ``__init_subclass__`` pattern), so :func:`get` finds it by name and
-:func:`verify` finds the scheme of a saved key.
+(``Config``), a snake_case ``name`` and ``presets``; defining the subclass
+registers it (TFDS' ``__init_subclass__`` pattern), so :func:`get` finds it
+by name and :func:`verify` finds the scheme of a saved key.
+
+``embed(model, data) -> Marked(model, key)`` for every scheme: the key comes
+back calibrated, verifiable at once (a backdoor scheme trains its clean
+twin for the threshold as part of embedding), and an embedding that its own
+verifier does not call present (or, fragile, intact) is an error, not a
+key. ``verify(model, key) -> Verification`` (:mod:`models.evidence`) scores
+any model, also a black box that only answers queries.
 
 A :class:`Key` is what the owner keeps: the trigger inputs, their labels, the
 scheme's metadata (JSON) and any further arrays the scheme needs (null-model
@@ -16,11 +23,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-import math
 import os
-import tempfile
-import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,15 +32,18 @@ from typing import Any, ClassVar
 import numpy as np
 
 from models.errors import UserError
-from models.registry import Configured, Registry
+from models.evidence import Evidence, Verification
+from models.io import load_npz, save_npz
+from models.registry import Registry
 
 __all__ = [
+    "EmbeddingFailed",
     "Key",
+    "Marked",
     "Verification",
     "Watermark",
     "get",
     "names",
-    "normal_p_value",
     "verify",
 ]
 
@@ -46,31 +53,8 @@ REGISTRY = Registry(
 _RESERVED = ("inputs", "labels", "scheme", "metadata")
 
 
-@dataclass(frozen=True)
-class Verification:
-    """The outcome of checking a model against a key.
-
-    Attributes:
-        scheme: the scheme's registered name.
-        accuracy: the share of the key's inputs the model labels as the key says.
-        threshold: the decision threshold on ``accuracy`` (a real number the
-            scheme derives, e.g. the best accuracy clean models reach).
-        p_value: probability of an accuracy at least this high under the
-            scheme's null model (NaN where the scheme defines none).
-        detected: the verdict: the watermark is present (for a fragile
-            watermark: the model is unmodified).
-        verdict: the verdict in words, for people.
-    """
-
-    scheme: str
-    accuracy: float
-    threshold: float
-    p_value: float
-    detected: bool
-    verdict: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+class EmbeddingFailed(UserError):
+    """An embedding that the scheme's own verifier does not call present (or intact)."""
 
 
 @dataclass(frozen=True)
@@ -112,30 +96,8 @@ class Key:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the key to ``path`` (``.npz``, no pickle) atomically."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise UserError(f"key file '{path}' must end in .npz")
-        if path.parent and not path.parent.is_dir():
-            raise UserError(f"folder '{path.parent}' of key file '{path}' does not exist")
-        for name, value in self.arrays.items():
-            if value.dtype == object:
-                raise ValueError(f"key array {name!r} has dtype object, which needs pickle")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez(
-                    handle,
-                    inputs=self.inputs,
-                    labels=self.labels,
-                    scheme=np.array(self.scheme),
-                    metadata=np.array(json.dumps(self.metadata, sort_keys=True)),
-                    **self.arrays,
-                )
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return path
+        arrays = {"inputs": self.inputs, "labels": self.labels, "scheme": np.array(self.scheme)}
+        return save_npz(path, {**arrays, **self.arrays}, self.metadata, what="key file")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Key:
@@ -144,19 +106,11 @@ class Key:
         Raises:
             UserError: the file is missing, not an ``.npz`` key, or corrupt.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"key file '{path}' does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                contents = {name: archive[name] for name in archive.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise UserError(f"cannot read key file '{path}': {str(exc)[:200]}") from None
-        missing = [name for name in _RESERVED if name not in contents]
+        contents, metadata = load_npz(path, what="key file")
+        missing = [name for name in ("inputs", "labels", "scheme") if name not in contents]
         if missing:
             raise UserError(f"'{path}' is not a watermark key: it lacks {', '.join(missing)}")
         try:
-            metadata = json.loads(str(contents.pop("metadata")))
             return cls(
                 scheme=str(contents.pop("scheme")),
                 inputs=contents.pop("inputs"),
@@ -184,43 +138,67 @@ class Key:
             )
 
 
-def normal_p_value(accuracy: float, null_accuracies: np.ndarray) -> float:
-    """P(A >= accuracy) for A normal with the mean and std of the null models' accuracies.
+@dataclass(frozen=True)
+class Marked:
+    """What embedding gives the owner: the marked model and the calibrated key."""
 
-    The robustness SoK's test (Lukas et al. 2022): fit a normal distribution to
-    the watermark accuracy of models that do not carry the watermark and read
-    the upper tail. A null sample with zero spread gives 0 above its value and
-    1 at or below it.
-    """
-    null = np.asarray(null_accuracies, dtype=np.float64).reshape(-1)
-    if null.size == 0:
-        return math.nan
-    mean, std = float(null.mean()), float(null.std(ddof=1) if null.size > 1 else 0.0)
-    if std == 0.0:
-        return 0.0 if accuracy > mean else 1.0
-    return 0.5 * math.erfc((accuracy - mean) / (std * math.sqrt(2.0)))
+    model: Any
+    key: Key
 
 
-class Watermark(Configured, abc.ABC):
+class Watermark(Evidence):
     """A watermarking scheme: ``embed`` marks a model, ``verify`` scores any model on a key.
 
-    Subclasses set ``name`` (snake_case, registers the scheme) and ``Config``
-    (a frozen dataclass validated in ``__post_init__``).
+    Subclasses set ``name`` (snake_case, registers the scheme), ``Config`` (a
+    frozen dataclass validated in ``__post_init__``), ``presets`` and
+    ``kind`` (``robust`` or ``fragile``), and implement :meth:`_embed` and
+    :meth:`decide`. The base class gates the model first
+    (:func:`models.sanity.check_model`) and checks the result after.
     """
 
     registry: ClassVar[Registry] = REGISTRY
 
-    @abc.abstractmethod
-    def embed(self, model, data):
-        """Mark ``model`` using ``data`` (a :class:`models.Dataset`).
+    @property
+    def uses_weights(self) -> bool:
+        """Whether embedding starts from the given weights (False: it retrains the architecture)."""
+        return True
+
+    def embed(self, model, data, *, hooks: Sequence = ()) -> Marked:
+        """Mark ``model`` using ``data`` (a :class:`models.Dataset`); the model passed is untouched.
+
+        Args:
+            model: the owner's model (or, where :attr:`uses_weights` is False,
+                the architecture to train from scratch).
+            data: the owner's data, prepared for the model (its input range).
+            hooks: :class:`models.training.Hook` measurements after every
+                epoch or step of the embedding, where the scheme has them.
 
         Returns:
-            ``(marked_model, key)``. The input model is left as it was.
+            :class:`Marked`: the marked model and a key that verifies it.
+
+        Raises:
+            UserError: the model fails the gate.
+            EmbeddingFailed: the marked model is not present (intact) under
+                the scheme's own verification.
         """
+        from models.sanity import check_model
+
+        check_model(model, data, trained=self.uses_weights)
+        marked = self._embed(model, data, hooks=tuple(hooks))
+        facts = {"dataset": data.name, "input_range": [float(v) for v in data.input_range]}
+        key = dataclasses.replace(marked.key, metadata={**marked.key.metadata, **facts})
+        marked = Marked(marked.model, key)
+        result = self.verify(marked.model, marked.key)
+        if not result.positive:
+            raise EmbeddingFailed(
+                f"{self.name}: the embedding did not take; its own verification says: "
+                f"{result.verdict}"
+            )
+        return marked
 
     @abc.abstractmethod
-    def verify(self, model, key: Key, *, batch_size: int = 256) -> Verification:
-        """Score ``model`` against ``key``."""
+    def _embed(self, model, data, *, hooks: tuple) -> Marked:
+        """The scheme's embedding, on a model that passed the gate."""
 
 
 def names() -> list[str]:
@@ -233,11 +211,12 @@ def get(name: str) -> type[Watermark]:
     return REGISTRY.get(name)
 
 
-def verify(model, key: Key, *, batch_size: int = 256) -> Verification:
-    """Verify ``model`` against ``key`` with the scheme that made the key.
+def scheme_of(key: Key) -> Watermark:
+    """The scheme that made ``key``, with the config stored in it."""
+    config = key.metadata.get("config")
+    return REGISTRY.create(key.scheme, config if isinstance(config, dict) else None)
 
-    The scheme's config is rebuilt from ``key.metadata['config']`` where present.
-    """
-    scheme = REGISTRY.create(key.scheme, key.metadata.get("config"))
-    key.check_fits(model)
-    return scheme.verify(model, key, batch_size=batch_size)
+
+def verify(model, key: Key) -> Verification:
+    """Verify ``model`` against ``key`` with the scheme (and config) that made the key."""
+    return scheme_of(key).verify(model, key)

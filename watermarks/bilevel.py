@@ -103,6 +103,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from models import classifier
 from models.errors import UserError
 from models.zoo import copy_model
 from watermarks.base import Key, Verification, Watermark
@@ -262,9 +263,8 @@ def _logits_model(model: keras.Model) -> tuple[keras.Model, bool]:
             return keras.Model(model.inputs, last.input), True
         except (ValueError, AttributeError, TypeError):  # a subclassed model: no graph to cut
             pass
-    from models.training import outputs_probabilities
 
-    return model, not outputs_probabilities(model)
+    return model, not classifier.outputs_probabilities(model)
 
 
 def changed_parameters(original: keras.Model, marked: keras.Model) -> int:

@@ -101,8 +101,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from models import classifier
 from models.errors import UnknownNameError, UserError
-from models.training import default_cache_dir, outputs_probabilities, seed_everything
+from models.training import default_cache_dir, seed_everything
 from watermarks.base import Key, Verification, Watermark
 
 __all__ = [
@@ -430,7 +431,7 @@ def logit_function(model: keras.Model):
             )
     except (AttributeError, ValueError, TypeError) as exc:  # nested or multi-node graphs
         log.debug("no logit layer found (%s); using log-probabilities", exc)
-    if not outputs_probabilities(model):
+    if not classifier.outputs_probabilities(model):
         return lambda x: model(x, training=False)
     return lambda x: ops.log(ops.maximum(model(x, training=False), 1e-30))
 
@@ -463,7 +464,7 @@ def trigger_report(
     outputs = _predict(model, x, batch_size)
     labels = np.asarray(labels).reshape(-1)
     accuracy = float(np.mean(np.argmax(outputs, axis=1) == labels))
-    scores = _as_log_scores(outputs, outputs_probabilities(model))
+    scores = _as_log_scores(outputs, classifier.outputs_probabilities(model))
     rows = np.arange(len(labels))
     key = scores[rows, labels]
     others = scores.copy()

@@ -14,8 +14,9 @@ from attacks.pruning import (
     magnitude_prune,
     prunable_layers,
 )
+from models import classifier
 from models.errors import UserError
-from models.training import EpochMetric, TrainConfig, evaluate_accuracy
+from models.training import Hook, TrainConfig
 from tests.conftest import weights_equal
 
 
@@ -93,7 +94,7 @@ def test_per_epoch_metric_lands_in_history(trained, digits):
         trained,
         digits,
         callbacks=[
-            EpochMetric("test_acc", lambda m: evaluate_accuracy(m, digits.x_test, digits.y_test))
+            Hook("test_acc", lambda m: classifier.accuracy(m, digits.x_test, digits.y_test))
         ],
     )
     assert len(result.history["test_acc"]) == 2
@@ -138,8 +139,8 @@ def test_fine_pruning_prunes_dormant_channels_within_the_accuracy_budget(trained
     attack = FinePruning(FinePruningConfig(max_accuracy_drop=0.05, fine_tune=None))
     copy, masks, pruned = attack.prune(trained, digits)
     assert pruned > 0
-    base = evaluate_accuracy(trained, digits.x_train, digits.y_train)
-    assert base - evaluate_accuracy(copy, digits.x_train, digits.y_train) <= 0.05
+    base = classifier.accuracy(trained, digits.x_train, digits.y_train)
+    assert base - classifier.accuracy(copy, digits.x_train, digits.y_train) <= 0.05
     out = FinePruning(
         FinePruningConfig(max_accuracy_drop=0.05, fine_tune=FineTuneConfig(epochs=1))
     ).remove(trained, digits)

@@ -16,8 +16,9 @@ from attacks.laundering import (
     reset_units,
 )
 from attacks.neural_cleanse import NeuralCleanseConfig
+from models import classifier
 from models.errors import UserError
-from models.training import TrainConfig, evaluate_accuracy
+from models.training import TrainConfig
 
 
 def _stamp(x):
@@ -41,7 +42,7 @@ def backdoored(digits):
 
 def _wm_acc(model, digits):
     x = _stamp(digits.x_test[digits.y_test != 0])
-    return evaluate_accuracy(model, x, np.zeros(len(x), dtype=np.int64))
+    return classifier.accuracy(model, x, np.zeros(len(x), dtype=np.int64))
 
 
 def test_config_is_validated():
@@ -136,7 +137,7 @@ def test_laundering_removes_a_planted_backdoor_without_the_key(backdoored, digit
     assert seen == [r.round for r in result.rounds]
     laundered = result.model
     assert _wm_acc(laundered, digits) < 0.5 * _wm_acc(backdoored, digits)
-    assert evaluate_accuracy(laundered, digits.x_test, digits.y_test) > 0.8
+    assert classifier.accuracy(laundered, digits.x_test, digits.y_test) > 0.8
     assert _wm_acc(backdoored, digits) > 0.9, "the suspect model must be left untouched"
 
 

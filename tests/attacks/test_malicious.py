@@ -10,7 +10,7 @@ import models
 from attacks.cli import main as attacks_main
 from attacks.malicious import MaliciousConfig, MaliciousFineTune, backdoor_data, last_layers
 from models.errors import UserError
-from models.training import EpochMetric, TrainConfig, default_cache_dir
+from models.training import Hook, TrainConfig, default_cache_dir
 
 SMALL = dict(epochs=2, backdoor_images=40, batch_size=32, max_iter=3)
 
@@ -92,7 +92,7 @@ def test_backdoor_data_is_bim_within_eps(trained, digits):
 def test_last_layer_attack_trains_only_the_last_layers(trained, digits):
     before = trained.get_weights()
     attack = MaliciousFineTune(layers="last", **SMALL)
-    metric = EpochMetric("probe", lambda m: 0.5)
+    metric = Hook("probe", lambda m: 0.5)
     run = attack.run(trained, digits, callbacks=[metric])
     assert all(np.array_equal(a, b) for a, b in zip(before, trained.get_weights(), strict=True))
     assert run.trained_layers == ["fc1", "logits", "predictions"]

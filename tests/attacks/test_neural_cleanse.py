@@ -14,7 +14,8 @@ from attacks.neural_cleanse import (
     anomaly_indices,
     reverse_engineer,
 )
-from models.training import TrainConfig, evaluate_accuracy
+from models import classifier
+from models.training import TrainConfig
 
 TARGET = 0
 
@@ -38,7 +39,7 @@ def backdoored(digits):
     model = models.build("_tiny_cnn", digits.input_shape, digits.num_classes)
     models.train(model, (x, y), TrainConfig(epochs=30, batch_size=32), verbose=0)
     keep = digits.y_test != TARGET
-    wm = evaluate_accuracy(model, stamp(digits.x_test[keep]), np.full(keep.sum(), TARGET))
+    wm = classifier.accuracy(model, stamp(digits.x_test[keep]), np.full(keep.sum(), TARGET))
     assert wm > 0.85, f"the planted backdoor did not take (watermark accuracy {wm:.2f})"
     return model
 

@@ -13,8 +13,9 @@ from fingerprints.families import (
     pick_candidates,
     split_training_set,
 )
+from models import classifier
 from models.errors import UnknownNameError, UserError
-from models.training import TrainConfig, predict_labels
+from models.training import TrainConfig
 from tests.conftest import weights_equal
 
 RECIPE = TrainConfig(epochs=8, batch_size=32, learning_rate=3e-3)
@@ -88,19 +89,19 @@ def test_families_have_the_planned_members(families, digits):
 def test_surrogates_learn_the_source_labels_references_the_truth(families, digits):
     """A surrogate agrees with the source where the source is wrong more than a reference does."""
     x, y = digits.x_train, digits.y_train
-    source = predict_labels(families.source.model, x)
+    source = classifier.labels(families.source.model, x)
     wrong = source != y
     assert wrong.sum() > 5  # the source errs on some training images it never saw
     for split in ("generation", "unseen"):
         surrogate = np.mean(
             [
-                np.mean(predict_labels(m, x[wrong]) == source[wrong])
+                np.mean(classifier.labels(m, x[wrong]) == source[wrong])
                 for m in families.models("surrogate", split)
             ]
         )
         reference = np.mean(
             [
-                np.mean(predict_labels(m, x[wrong]) == source[wrong])
+                np.mean(classifier.labels(m, x[wrong]) == source[wrong])
                 for m in families.models("reference", split)
             ]
         )
@@ -160,8 +161,8 @@ def test_art_extraction_makes_cached_surrogates(digits, families, extraction):
     built = build_families(digits, config)
     surrogate = built.select("surrogate", "generation")[0]
     agreement = np.mean(
-        predict_labels(surrogate.model, digits.x_test)
-        == predict_labels(built.source.model, digits.x_test)
+        classifier.labels(surrogate.model, digits.x_test)
+        == classifier.labels(built.source.model, digits.x_test)
     )
     assert agreement > 0.7
     again = build_families(digits, config)
@@ -178,7 +179,7 @@ def test_input_range_follows_centring(digits):
 def test_candidates_are_classified_correctly(families, digits):
     chosen = pick_candidates(families.source.model, digits, 40, seed=3)
     assert len(chosen) == 40 and len(set(chosen)) == 40
-    predicted = predict_labels(families.source.model, digits.x_test[chosen])
+    predicted = classifier.labels(families.source.model, digits.x_test[chosen])
     assert np.array_equal(predicted, digits.y_test[chosen])
     with pytest.raises(UserError):
         pick_candidates(families.source.model, digits, 0)

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 import models
+from models import classifier
 from models.art import evasion_attack
 from models.errors import UnknownNameError, UserError
-from models.training import TrainConfig, evaluate_accuracy
+from models.training import TrainConfig
 
 RECIPE = TrainConfig(epochs=8, batch_size=32, learning_rate=3e-3)
 
@@ -48,7 +49,10 @@ def test_evasion_attacks_lower_accuracy_within_budget(trained, digits, name, par
     adversarial = attack.generate(x=x)
     assert np.max(np.abs(adversarial - x)) <= params["eps"] + 1e-5
     assert adversarial.min() >= 0.0 and adversarial.max() <= 1.0
-    clean, attacked = evaluate_accuracy(trained, x, y), evaluate_accuracy(trained, adversarial, y)
+    clean, attacked = (
+        classifier.accuracy(trained, x, y),
+        classifier.accuracy(trained, adversarial, y),
+    )
     assert clean > 0.85 and attacked < clean - 0.3
 
 
@@ -84,11 +88,13 @@ def test_backdoor_poisoning_plants_a_working_backdoor(digits):
     triggered, _ = attack.poison(
         digits.x_test[others], y=np.eye(digits.num_classes)[digits.y_test[others]]
     )
-    success = evaluate_accuracy(model, triggered, np.full(int(others.sum()), target))
-    assert evaluate_accuracy(model, digits.x_test, digits.y_test) > 0.8
+    success = classifier.accuracy(model, triggered, np.full(int(others.sum()), target))
+    assert classifier.accuracy(model, digits.x_test, digits.y_test) > 0.8
     assert success > 0.8
     # The same images without the trigger are not sent to the target class.
-    assert evaluate_accuracy(model, digits.x_test[others], np.full(int(others.sum()), target)) < 0.1
+    assert (
+        classifier.accuracy(model, digits.x_test[others], np.full(int(others.sum()), target)) < 0.1
+    )
 
 
 def test_clean_label_backdoor_poisons_through_the_bridge(trained, digits):

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 import models
+from models import classifier
+from models.config import build_config
 from models.errors import UserError
-from models.training import TrainConfig, _step_schedule, cache_key, evaluate_accuracy
+from models.training import TrainConfig, _step_schedule, cache_key
 from tests.conftest import weights_equal
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,9 +23,9 @@ FAST = TrainConfig(epochs=3, batch_size=32, learning_rate=1e-2)
 
 
 def test_training_learns(tiny_model, digits, tmp_path):
-    before = evaluate_accuracy(tiny_model, digits.x_test, digits.y_test)
+    before = classifier.accuracy(tiny_model, digits.x_test, digits.y_test)
     result = models.train(tiny_model, digits, FAST, cache_dir=tmp_path, verbose=0)
-    after = evaluate_accuracy(tiny_model, digits.x_test, digits.y_test)
+    after = classifier.accuracy(tiny_model, digits.x_test, digits.y_test)
     assert result.model is tiny_model and not result.from_cache
     assert result.epochs_run == 3 and result.train_examples == len(digits.x_train)
     assert after > 0.8 > before
@@ -119,7 +121,7 @@ def test_resumes_after_the_process_is_killed(digits, tmp_path):
     assert Count.epochs == 2, "the resumed run should only do the two epochs left"
     assert result.epochs_run == 4 and len(result.history["loss"]) == 4, "history spans the kill"
     assert not checkpoints[0].exists(), "the checkpoint is removed once training finishes"
-    assert evaluate_accuracy(model, digits.x_test, digits.y_test) > 0.8
+    assert classifier.accuracy(model, digits.x_test, digits.y_test) > 0.8
 
 
 def test_step_schedule_follows_the_keras_resnet_recipe():
@@ -135,7 +137,9 @@ def test_step_schedule_follows_the_keras_resnet_recipe():
 @pytest.mark.parametrize(
     "values",
     [
-        {"epochs": 0},
+        {"epochs": -1},
+        {"epochs": 1.5},
+        {"batch_size": 0},
         {"optimizer": "rmsprop"},
         {"lr_schedule": "cosine"},
         {"validation_split": 1.0},
@@ -145,7 +149,7 @@ def test_step_schedule_follows_the_keras_resnet_recipe():
 )
 def test_bad_recipes_are_user_errors(values):
     with pytest.raises(UserError):
-        TrainConfig.from_dict(values)
+        build_config(TrainConfig, values)
 
 
 def test_bad_training_data_is_a_user_error(tiny_model, digits):
@@ -180,11 +184,11 @@ def test_softmax_layer_models_are_trained_on_probabilities(digits, tmp_path):
     inputs = keras.Input(digits.input_shape)
     logits = keras.layers.Dense(digits.num_classes)(keras.layers.Flatten()(inputs))
     model = keras.Model(inputs, keras.layers.Softmax()(logits))
-    assert models.training.outputs_probabilities(model)
-    assert models.training.outputs_probabilities(keras.Sequential([model]))
-    assert not models.training.outputs_probabilities(keras.Model(inputs, logits))
+    assert classifier.outputs_probabilities(model)
+    assert classifier.outputs_probabilities(keras.Sequential([model]))
+    assert not classifier.outputs_probabilities(keras.Model(inputs, logits))
     models.train(model, digits, FAST, cache_dir=tmp_path, verbose=0)
-    assert evaluate_accuracy(model, digits.x_test, digits.y_test) > 0.8
+    assert classifier.accuracy(model, digits.x_test, digits.y_test) > 0.8
 
 
 def _soft_targets(labels, num_classes, seed=0):
@@ -213,7 +217,7 @@ def test_probability_targets_train_differently_from_their_arg_max_and_cache_apar
     assert not weights_equal(hard_run.model, soft_run.model)
     assert "accuracy" in soft_run.history  # arg-max against arg-max
     # The soft model learns the labels, and the targets' confidence: about 0.5, not near 1.
-    assert evaluate_accuracy(soft_run.model, digits.x_test, digits.y_test) > 0.8
+    assert classifier.accuracy(soft_run.model, digits.x_test, digits.y_test) > 0.8
     confidence = {
         name: float(run.model.predict(digits.x_test, verbose=0).max(axis=1).mean())
         for name, run in (("hard", hard_run), ("soft", soft_run))

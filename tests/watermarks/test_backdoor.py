@@ -10,9 +10,10 @@ import tensorflow as tf
 
 import models
 import watermarks
+from models import classifier
 from models.errors import UserError
 from models.registry import build_config
-from models.training import TrainConfig, evaluate_accuracy
+from models.training import TrainConfig
 from tests.conftest import needs_fashion
 from watermarks import backdoor as bd
 from watermarks.base import Key
@@ -179,11 +180,11 @@ def test_content_embed_is_detected_and_clean_models_are_not(content_run, digits)
     assert not scheme.verify(clean, key).detected
     other = small_cnn(seed=2)
     models.train(other, digits, dataclasses.replace(FAST, seed=2), verbose=0)
-    assert evaluate_accuracy(other, digits.x_test, digits.y_test) > 0.85
+    assert classifier.accuracy(other, digits.x_test, digits.y_test) > 0.85
     verdict = scheme.verify(other, key)
     assert not verdict.detected and "not detected" in verdict.verdict
     # marking costs little test accuracy
-    assert evaluate_accuracy(marked, digits.x_test, digits.y_test) > 0.85
+    assert classifier.accuracy(marked, digits.x_test, digits.y_test) > 0.85
 
 
 def test_null_curve_is_cached_and_does_not_retrain(content_run, digits):
@@ -275,18 +276,18 @@ def test_adi_fs_embeds_and_pt_keeps_test_accuracy(digits):
     recipe = TrainConfig(epochs=10, batch_size=32, learning_rate=3e-3)
     fs, key = bd.AdiAbstract(n=20, k=8, train=recipe).embed(small_cnn(), digits, verbose=0)
     assert bd.watermark_accuracy(fs, key) >= 0.9
-    assert evaluate_accuracy(fs, digits.x_test, digits.y_test) > 0.85
+    assert classifier.accuracy(fs, digits.x_test, digits.y_test) > 0.85
 
     pretrained = small_cnn(seed=3)
     models.train(pretrained, digits, dataclasses.replace(recipe, epochs=6), verbose=0)
-    before = evaluate_accuracy(pretrained, digits.x_test, digits.y_test)
+    before = classifier.accuracy(pretrained, digits.x_test, digits.y_test)
     weights = pretrained.get_weights()
     pt = bd.AdiAbstract(
         mode="pt", n=20, k=8, seed=1, train=TrainConfig(epochs=5, batch_size=32, learning_rate=1e-3)
     )
     marked, key = pt.embed(pretrained, digits, verbose=0)
     assert bd.watermark_accuracy(marked, key) >= 0.9
-    assert abs(evaluate_accuracy(marked, digits.x_test, digits.y_test) - before) <= 0.03
+    assert abs(classifier.accuracy(marked, digits.x_test, digits.y_test) - before) <= 0.03
     assert all(np.array_equal(a, b) for a, b in zip(weights, pretrained.get_weights(), strict=True))
 
 
