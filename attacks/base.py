@@ -32,6 +32,7 @@ __all__ = ["Inapplicable", "Removal", "RemovalAttack", "Requirements", "clone", 
 
 ATTACK_MODULES = (
     "attacks.identity",
+    "attacks.distillation",
     "attacks.finetune",
     "attacks.pruning",
     "attacks.neural_cleanse",
@@ -39,7 +40,18 @@ ATTACK_MODULES = (
     "attacks.malicious",
     "attacks.overwrite",
 )
-REGISTRY = Registry("removal attack", ATTACK_MODULES)
+
+
+def _art(name: str):
+    """``art:<ClassName>``: an ART class as a removal attack, made on demand (attacks.art)."""
+    if not name.startswith("art:"):
+        return None
+    from attacks.art import resolve
+
+    return resolve(name)
+
+
+REGISTRY = Registry("removal attack", ATTACK_MODULES, resolver=_art)
 
 
 class Inapplicable(UserError):

@@ -3,13 +3,17 @@
 Every ART estimator the suite uses comes through :func:`to_art`, so any ART
 evasion attack (FGSM, BIM, PGD, Carlini-Wagner, ...), ART's backdoor poisoning
 and its extraction attacks (KnockoffNets, CopycatCNN) run on any zoo model or
-user model. Zoo models output softmax probabilities (their ``logits`` layer is
+user model. :func:`art_class` resolves the ``art:<ClassName>`` names the
+command lines and the matrix accept, by kind (:data:`ART_KINDS`), and
+:func:`extract` runs an extraction attack whose thief trains through
+:func:`models.train` (cached, resumable). Zoo models output softmax probabilities (their ``logits`` layer is
 addressable by name), so the loss given to ART is categorical cross-entropy on
 probabilities, with one-hot labels as ART passes them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import keras
@@ -19,6 +23,15 @@ from models import classifier
 from models.errors import UnknownNameError, UserError
 
 ClipValues = tuple[float, float] | tuple[np.ndarray, np.ndarray]
+
+#: kind -> the ART module whose classes ``art:<ClassName>`` may name
+ART_KINDS = {
+    "evasion": "art.attacks.evasion",
+    "extraction": "art.attacks.extraction",
+    "preprocessor": "art.defences.preprocessor",
+    "postprocessor": "art.defences.postprocessor",
+    "poisoning_defence": "art.defences.transformer.poisoning",
+}
 
 
 def to_art(
@@ -66,6 +79,104 @@ def to_art(
     )
 
 
+def art_names(kind: str) -> list[str]:
+    """The public class names of ART's ``kind`` module (see :data:`ART_KINDS`)."""
+    module = importlib.import_module(ART_KINDS[kind])
+    return sorted(
+        n for n in dir(module) if n[:1].isupper() and isinstance(getattr(module, n), type)
+    )
+
+
+def art_class(name: str, kinds=tuple(ART_KINDS)) -> tuple[str, type]:
+    """``(kind, class)`` of ``art:<ClassName>`` among the ART modules of ``kinds``.
+
+    Raises:
+        UnknownNameError: no module of ``kinds`` has the class; lists what they have.
+    """
+    class_name = name.removeprefix("art:")
+    for kind in kinds:
+        module = importlib.import_module(ART_KINDS[kind])
+        cls = getattr(module, class_name, None)
+        if isinstance(cls, type) and class_name[:1].isupper():
+            return kind, cls
+    known = [f"art:{n}" for kind in kinds for n in art_names(kind)]
+    raise UnknownNameError(f"ART {' / '.join(kinds)} class", f"art:{class_name}", known)
+
+
+def _cached_thief(model: keras.Model, recipe, clip_values, tag: str, use_probability: bool):
+    """An ART classifier around ``model`` whose ``fit`` trains through :func:`models.train`."""
+    from art.estimators.classification import TensorFlowV2Classifier
+
+    from models.training import train
+
+    class CachedThief(TensorFlowV2Classifier):
+        result = None
+
+        def fit(self, x, y, batch_size: int = 128, nb_epochs: int = 10, **kwargs) -> None:
+            y = np.asarray(y, np.float32)
+            targets = y if use_probability else np.argmax(y, axis=1)
+            run = dataclasses.replace(recipe, batch_size=int(batch_size), epochs=int(nb_epochs))
+            x = np.asarray(x, np.float32)
+            self.result = train(model, (x, targets), run, cache_tag=tag, verbose=0)
+
+    return CachedThief(
+        model=model,
+        nb_classes=int(model.output_shape[-1]),
+        input_shape=tuple(model.input_shape[1:]),
+        loss_object=keras.losses.CategoricalCrossentropy(),
+        clip_values=clip_values,
+    )
+
+
+def extract(
+    name: str,
+    victim: keras.Model,
+    thief: keras.Model,
+    x: np.ndarray,
+    recipe,
+    *,
+    clip_values: ClipValues = (0.0, 1.0),
+    use_probability: bool = False,
+    **params,
+):
+    """Train ``thief`` as a copy of ``victim`` with ART extraction attack ``name`` on queries ``x``.
+
+    Args:
+        name: ``art:CopycatCNN``, ``art:KnockoffNets`` (or their class names).
+        victim: the model queried (only its answers are used).
+        thief: a fresh model the attack trains, in place.
+        x: the thief's query images (all of them are queried: ``nb_stolen``).
+        recipe: the thief's :class:`models.TrainConfig` (epochs, batch size, seed).
+        clip_values: the valid input range.
+        use_probability: train on the victim's probabilities (distillation)
+            instead of its labels.
+        **params: further parameters of the ART attack.
+
+    Returns:
+        The :class:`models.TrainResult` of the thief's training.
+    """
+    from models.training import seed_everything
+
+    _, cls = art_class(name, ("extraction",))
+    options = dict(
+        batch_size_fit=recipe.batch_size,
+        batch_size_query=256,
+        nb_epochs=recipe.epochs,
+        nb_stolen=len(x),
+        use_probability=use_probability,
+        **params,
+    )
+    try:
+        attack = cls(to_art(victim, clip_values=clip_values), **options)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"bad parameters for art:{cls.__name__}: {exc}") from None
+    tag = f"art:{cls.__name__}:{'probabilities' if use_probability else 'labels'}"
+    stolen = _cached_thief(thief, recipe, clip_values, tag, use_probability)
+    seed_everything(recipe.seed)  # ART draws its queries from NumPy's global generator
+    attack.extract(np.asarray(x, np.float32), thieved_classifier=stolen)
+    return stolen.result
+
+
 def evasion_attack(name: str, classifier, **params):
     """Instantiate an ART evasion attack by class name, e.g. ``"BasicIterativeMethod"``.
 
@@ -80,12 +191,9 @@ def evasion_attack(name: str, classifier, **params):
     Returns:
         The ART attack instance.
     """
-    evasion = importlib.import_module("art.attacks.evasion")
-    class_name = name.removeprefix("art:")
-    known = [n for n in dir(evasion) if n[:1].isupper()]
-    if class_name not in known:
-        raise UnknownNameError("ART evasion attack", class_name, known)
+    _, cls = art_class(name, ("evasion",))
+    class_name = cls.__name__
     try:
-        return getattr(evasion, class_name)(classifier, **params)
+        return cls(classifier, **params)
     except (TypeError, ValueError) as exc:
         raise UserError(f"bad parameters for art:{class_name}: {exc}") from None

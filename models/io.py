@@ -17,6 +17,7 @@ else can never run code.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -29,7 +30,29 @@ import numpy as np
 
 from models.errors import UserError
 
-__all__ = ["atomic_write", "check_output", "load_npz", "save_npz", "umask_mode", "write_text"]
+__all__ = [
+    "array_digest",
+    "atomic_write",
+    "check_output",
+    "load_npz",
+    "save_npz",
+    "umask_mode",
+    "write_text",
+]
+
+
+def array_digest(*arrays: np.ndarray, length: int = 16) -> str:
+    """A sha256 hex digest of arrays' dtypes, shapes and bytes (first ``length`` digits).
+
+    Names a key's or a trigger set's content in cache tags; for a model, use
+    :func:`models.classifier.digest`.
+    """
+    h = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(memoryview(array).cast("B"))
+    return h.hexdigest()[:length]
 
 
 def umask_mode(executable: bool = False) -> int:

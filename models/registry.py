@@ -14,7 +14,7 @@ when it is first asked for a name, so importing a package stays cheap.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from models.config import build_config, replace
@@ -32,11 +32,20 @@ class Registry:
     Args:
         kind: what the names name, for error messages ("watermark scheme").
         modules: the modules whose import registers the built-in units.
+        resolver: makes a unit for a name no module registers (ART's
+            ``art:<ClassName>``), or returns None; such units are not listed
+            by :meth:`names`.
     """
 
-    def __init__(self, kind: str, modules: Sequence[str] = ()):
+    def __init__(
+        self,
+        kind: str,
+        modules: Sequence[str] = (),
+        resolver: Callable[[str], type | None] | None = None,
+    ):
         self.kind = kind
         self.modules = tuple(modules)
+        self.resolver = resolver
         self._classes: dict[str, type] = {}
         self._loaded = False
 
@@ -61,6 +70,10 @@ class Registry:
     def get(self, name: str) -> type:
         """The class registered as ``name``; an unknown name lists the known ones."""
         self._load()
+        if name not in self._classes and self.resolver is not None:
+            found = self.resolver(name)  # e.g. "art:CopycatCNN": made on demand
+            if found is not None:
+                return found
         if name not in self._classes:
             raise UnknownNameError(self.kind, name, self._classes)
         return self._classes[name]

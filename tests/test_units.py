@@ -131,7 +131,8 @@ def _test(digits):
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_zero_strength_leaves_predictions_unchanged(attack, base, adversary):
     cls = attacks.get(attack)
-    assert cls.zero_strength is not None, f"{attack} declares no zero strength"
+    if cls.zero_strength is None:
+        pytest.skip(f"{attack} trains a fresh model: it has no strength that is a no-op")
     unit = cls.from_preset("smoke", **cls.zero_strength)
     before = classifier.predict(base, adversary.x_test)
     after = classifier.predict(unit.remove(base, adversary).model, adversary.x_test)
