@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TESTSTAMP := $(VENV)/.installed-test
 FASHION := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
@@ -26,12 +27,16 @@ data:
 		echo "note: $(FASHION) is missing; run 'sudo apt-get install dataset-fashion-mnist', or pass --data-dir, or let tensorflow-datasets download it"; \
 	fi
 
+$(TESTSTAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $(TESTSTAMP)
+
 setup: $(STAMP) data
 
 reproduce: setup
 	$(PY) -m reproduce all --preset quick
 
-test: setup
+test: setup $(TESTSTAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -450,6 +450,99 @@ def _write_cache_entry(entry: Path, model: keras.Model, meta: dict, snapshots: P
     os.replace(staging, entry)
 
 
+_LIMITS: dict[str, int | None] = {"max_steps": None, "devices": None}
+
+
+def set_max_steps(steps: int | None) -> None:
+    """Stop every training and optimisation loop of the suite after ``steps`` steps (None: no limit).
+
+    ``python -m reproduce --max-steps N`` proves that a preset runs end to end
+    (datasets, models, sweeps, tables, figures) without paying for it: every
+    :func:`train` runs one epoch of at most N batches, and every loop that
+    calls :func:`limit` (Neural Cleanse, generators, bi-level phases, CAE
+    generation) at most N iterations.
+    """
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise UserError(f"max_steps must be a positive integer, got {steps!r}")
+    _LIMITS["max_steps"] = steps
+
+
+def max_steps() -> int | None:
+    """The limit of :func:`set_max_steps` (None: none)."""
+    return _LIMITS["max_steps"]
+
+
+def limit(steps: int) -> int:
+    """``steps``, capped by :func:`max_steps`: what every optimisation loop runs."""
+    cap = max_steps()
+    return int(steps) if cap is None else min(int(steps), cap)
+
+
+def set_devices(count: int | None) -> None:
+    """Train one model on ``count`` devices (None: every visible GPU; ``$WMSUITE_DEVICES``)."""
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise UserError(f"devices must be a positive integer, got {count!r}")
+    _LIMITS["devices"] = count
+
+
+def strategy():
+    """A ``tf.distribute.MirroredStrategy`` over the devices to use, or None for one device.
+
+    GPUs when there are at least two (all of them unless :func:`set_devices`
+    or ``$WMSUITE_DEVICES`` says fewer); otherwise the logical CPU devices
+    when :func:`set_devices` asks for several (as the tests configure).
+    """
+    import tensorflow as tf
+
+    wanted = _LIMITS["devices"] or int(os.environ.get("WMSUITE_DEVICES", "0") or 0) or None
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    devices = gpus if len(gpus) > 1 else [d.name for d in tf.config.list_logical_devices("CPU")]
+    if not gpus or len(gpus) < 2:
+        devices = devices if wanted and wanted > 1 else []
+    devices = devices[:wanted] if wanted else devices
+    if len(devices) < 2:
+        return None
+    return tf.distribute.MirroredStrategy(devices=devices)
+
+
+def _fit(model, train_xy, validation, config, callbacks, verbose, probability_targets) -> None:
+    """``model.fit`` with the config's batches and epochs: on several devices, under max steps.
+
+    Several devices: a replica of the model is made under the strategy's
+    scope with the same weights, trained with the batch size scaled by the
+    number of replicas, and its weights are copied back (the cache key, which
+    names the recipe, is unchanged). A model that cannot be cloned (a custom
+    ``train_step`` wrapper) trains on one device.
+    """
+    epochs, steps = config.epochs, None
+    if max_steps() is not None:
+        epochs, steps = 1, max(1, min(max_steps(), math.ceil(len(train_xy[0]) / config.batch_size)))
+    distributed, batch = strategy(), config.batch_size
+    replica = model
+    if distributed is not None:
+        try:
+            with distributed.scope():
+                replica = keras.models.clone_model(model)
+                replica.set_weights(model.get_weights())
+                compile_for_training(replica, config, probability_targets=probability_targets)
+            batch = config.batch_size * distributed.num_replicas_in_sync
+        except (TypeError, ValueError, NotImplementedError) as exc:
+            log.warning("%s trains on one device: %s", model.name, exc)
+            replica = model
+    replica.fit(
+        *train_xy,
+        batch_size=batch,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        validation_data=validation,
+        shuffle=True,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    if replica is not model:
+        model.set_weights(replica.get_weights())
+
+
 def train(
     model: keras.Model,
     data,
@@ -508,6 +601,8 @@ def train(
         cache_tag = f"{cache_tag}|hooks:{','.join(sorted(h.name for h in hooks))}"
     if snapshots:
         cache_tag = f"{cache_tag}|snapshots"
+    if max_steps() is not None:  # a truncated training never stands in for a full one
+        cache_tag = f"{cache_tag}|max_steps={max_steps()}"
     probability_targets = y.ndim == 2
     outputs = getattr(model, "outputs", None)  # None for a subclassed model: Keras checks later
     if probability_targets and outputs and y.shape[1] != outputs[0].shape[-1]:
@@ -552,23 +647,23 @@ def train(
     x_fit, y_fit = (x[:-n_val], y[:-n_val]) if n_val else (x, y)
     validation = (x[-n_val:], y[-n_val:]) if n_val else None
     run_log = _RunLog(backup_dir / "run_log.json")
-    model.fit(
-        x_fit,
-        y_fit,
-        batch_size=config.batch_size,
-        epochs=config.epochs,
-        validation_data=validation,
-        shuffle=True,
-        # hook values must be in the logs before the run log keeps them; every other
-        # callback sees the epoch only once its history is on disk (a kill there loses nothing)
-        callbacks=[
-            *_callbacks(config, backup_dir, validated=n_val > 0),
-            *([_Snapshots(backup_dir / "snapshots")] if snapshots else []),
-            *hooks,
-            run_log,
-            *callbacks,
-        ],
-        verbose=_progress_verbosity() if verbose is None else verbose,
+    # hook values must be in the logs before the run log keeps them; every other
+    # callback sees the epoch only once its history is on disk (a kill there loses nothing)
+    every = [
+        *_callbacks(config, backup_dir, validated=n_val > 0),
+        *([_Snapshots(backup_dir / "snapshots")] if snapshots else []),
+        *hooks,
+        run_log,
+        *callbacks,
+    ]
+    _fit(
+        model,
+        (x_fit, y_fit),
+        validation,
+        config,
+        every,
+        _progress_verbosity() if verbose is None else verbose,
+        probability_targets,
     )
     epochs_run = len(run_log.history.get("loss", []))
     meta = {

@@ -21,9 +21,10 @@ import importlib.util
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
-from models.cli import OneLineParser, quiet_keras
+from models.cli import OneLineParser, parse_range, positive_int, quiet_keras
 from models.errors import EXIT_USER_ERROR, UnknownNameError, UserError
 
 log = logging.getLogger("reproduce")
@@ -39,6 +40,20 @@ PAPERS = {
         "Yang et al. 2021, robust watermarking by bi-level optimisation",
     ),
     "cae": ("reproduce.cae", "Conferrable adversarial examples for fingerprinting (report)"),
+    "matrix": ("reproduce.matrix", "every scheme and fingerprint against every removal attack"),
+}
+#: papers that `all` runs (the matrix is its own experiment, run by name)
+REPRODUCTIONS = ("models", "laundering", "fragile", "bilevel", "cae")
+#: options only the matrix takes: flag dest -> default
+MATRIX_OPTIONS = {
+    "schemes": None,
+    "attacks": None,
+    "seeds": 1,
+    "model": None,
+    "input_range": (0.0, 1.0),
+    "resize": False,
+    "executor": "local",
+    "address": None,
 }
 
 
@@ -64,6 +79,7 @@ def run_paper(
     out: str | Path | None = None,
     seed: int = 0,
     cache: bool = True,
+    **options,
 ) -> Path:
     """Run one reproduction and write its outputs.
 
@@ -76,6 +92,7 @@ def run_paper(
         out: output folder (default ``results/<paper>/<preset>``).
         seed: the run's seed.
         cache: reuse trained models from the cache.
+        **options: the matrix's own options (:data:`MATRIX_OPTIONS`).
 
     Returns:
         The output folder.
@@ -88,7 +105,9 @@ def run_paper(
     if preset not in PRESETS:
         raise UnknownNameError("preset", preset, PRESETS)
     module = paper_module(paper)
-    config = module.make_config(preset, dataset=dataset, data_dir=data_dir, seed=seed, cache=cache)
+    config = module.make_config(
+        preset, dataset=dataset, data_dir=data_dir, seed=seed, cache=cache, **options
+    )
     out = Path(out) if out is not None else Path("results") / paper / preset
     run = Run(
         paper=paper,
@@ -163,7 +182,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true", help="exit 1 if any claim does not hold")
     parser.add_argument("--no-cache", action="store_true", help="retrain models even if cached")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress on stderr")
+    parser.add_argument(
+        "--max-steps",
+        type=positive_int,
+        help="stop every training and optimisation loop after N steps (proves a preset runs)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=positive_int,
+        help="train each model on N devices (MirroredStrategy; default: every visible GPU)",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what the preset would do, and its size; run nothing",
+    )
+    matrix = parser.add_argument_group("matrix only")
+    matrix.add_argument("--schemes", help="rows: scheme and fingerprint names, a,b (default: all)")
+    matrix.add_argument("--attacks", help="columns: attack names, a,b; art:<Class> for ART")
+    matrix.add_argument("--seeds", type=int, default=1, help="seeds per cell (intervals from 2)")
+    matrix.add_argument("--model", help="a user's trained model (.keras) instead of the zoo's")
+    matrix.add_argument("--input-range", type=parse_range, default=(0.0, 1.0), metavar="LOW,HIGH")
+    matrix.add_argument("--resize", action="store_true", help="fit the images to --model")
+    matrix.add_argument("--executor", default="local", help="local (default) or ray")
+    matrix.add_argument("--address", help="a running Ray cluster (with --executor ray)")
     return parser
+
+
+def _matrix_options(args: argparse.Namespace) -> dict:
+    """The matrix options given, refused for any other target."""
+    given = {k: getattr(args, k) for k, v in MATRIX_OPTIONS.items() if getattr(args, k) != v}
+    if given and args.target != "matrix":
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UserError(f"{flags} apply to 'matrix' only")
+    return given if args.target == "matrix" else {}
 
 
 def _list() -> None:
@@ -171,6 +223,86 @@ def _list() -> None:
     for name, (_, what) in PAPERS.items():
         state = "built" if is_built(name) else "not built"
         print(f"{name:<{width}}  {state:<9}  {what}")
+
+
+def _papers(args: argparse.Namespace) -> list[str]:
+    """The papers the target names (``all``: every built reproduction, not the matrix)."""
+    if args.preset not in PRESETS:
+        raise UnknownNameError("preset", args.preset, PRESETS)
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed} is out of range; expected 0 <= seed < 2**32")
+    if args.target == "all":
+        return [p for p in REPRODUCTIONS if is_built(p)]
+    if args.target in PAPERS:
+        return [args.target]
+    raise UnknownNameError("paper", args.target, [*PAPERS, "all", "list", "plot"])
+
+
+def _run_papers(args: argparse.Namespace, papers: list[str]) -> bool:
+    """Run ``papers`` one after another, saying which runs and about how long is left."""
+    options = _matrix_options(args)
+    all_hold, started = True, time.perf_counter()
+    for number, paper in enumerate(papers, start=1):
+        out = args.out
+        if out is not None and args.target == "all":
+            out = Path(out) / paper
+        if len(papers) > 1:
+            _progress(number, papers, started)
+        folder = run_paper(
+            paper,
+            preset=args.preset,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            out=out,
+            seed=args.seed,
+            cache=not args.no_cache,
+            **options,
+        )
+        all_hold &= _claims_hold(folder)
+        print(folder, flush=True)
+    return all_hold
+
+
+def _progress(number: int, papers: list[str], started: float) -> None:
+    elapsed = time.perf_counter() - started
+    left = ""
+    if number > 1:
+        per_paper = elapsed / (number - 1)
+        left = f"; about {per_paper * (len(papers) - number + 1) / 60:.0f} min left"
+    print(
+        f"reproduce: [{number}/{len(papers)}] {papers[number - 1]}; "
+        f"{elapsed / 60:.1f} min so far{left}",
+        flush=True,
+    )
+
+
+def _limits(args: argparse.Namespace) -> None:
+    from models.training import set_devices, set_max_steps
+
+    set_max_steps(args.max_steps)
+    set_devices(args.devices)
+
+
+def _print_plans(args: argparse.Namespace, papers: list[str]) -> int:
+    """``--plan``: each paper's models, work and estimated GPU-hours, without running anything."""
+    from reproduce.plan import describe
+
+    options = _matrix_options(args)
+    for paper in papers:
+        module = paper_module(paper)
+        config = module.make_config(
+            args.preset, dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, **options
+        )
+        print(describe(paper, args.preset, module.plan(config)))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    if not args.folder:
+        raise UserError("'plot' needs the folder of a finished run: python -m reproduce plot DIR")
+    for path in plot_folder(args.folder):
+        print(path)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,46 +319,14 @@ def main(argv: list[str] | None = None) -> int:
             _list()
             return 0
         if args.target == "plot":
-            if not args.folder:
-                raise UserError(
-                    "'plot' needs the folder of a finished run: python -m reproduce plot DIR"
-                )
-            for path in plot_folder(args.folder):
-                print(path)
-            return 0
+            return _plot(args)
         if args.folder:
             raise UserError(f"unexpected argument {args.folder!r}; only 'plot' takes a folder")
-        if args.preset not in PRESETS:
-            raise UnknownNameError("preset", args.preset, PRESETS)
-        if args.target == "all":
-            papers = [p for p in PAPERS if is_built(p)]
-            missing = [p for p in PAPERS if not is_built(p)]
-            if missing:
-                log.warning("not built yet, skipped: %s", ", ".join(missing))
-        elif args.target in PAPERS:
-            papers = [args.target]
-        else:
-            raise UnknownNameError("paper", args.target, [*PAPERS, "all", "list", "plot"])
-        if not 0 <= args.seed < 2**32:
-            raise UserError(f"--seed {args.seed} is out of range; expected 0 <= seed < 2**32")
-        all_hold = True
-        for paper in papers:
-            out = args.out
-            if out is not None and args.target == "all":
-                out = Path(out) / paper
-            folder = run_paper(
-                paper,
-                preset=args.preset,
-                dataset=args.dataset,
-                data_dir=args.data_dir,
-                out=out,
-                seed=args.seed,
-                cache=not args.no_cache,
-            )
-            all_hold &= _claims_hold(folder)
-            print(folder)
-        if args.target == "all" and missing:
-            print(f"not built yet: {', '.join(missing)}")
+        papers = _papers(args)
+        if args.plan:
+            return _print_plans(args, papers)
+        _limits(args)
+        all_hold = _run_papers(args, papers)
         return 1 if args.strict and not all_hold else 0
     except UserError as exc:
         print(f"reproduce: error: {exc}", file=sys.stderr)

@@ -122,6 +122,38 @@ def make_config(
     )
 
 
+_SIZES = {  # (training images, input shape, classes) of each dataset, for --plan
+    "fashion_mnist": (60000, (28, 28, 1), 10),
+    "mnist": (60000, (28, 28, 1), 10),
+    "cifar10": (50000, (32, 32, 3), 10),
+    "cifar100": (50000, (32, 32, 3), 100),
+    "imagenet32": (1281167, (32, 32, 3), 1000),
+    "digits": (1438, (8, 8, 1), 10),
+    "emnist": (88800, (28, 28, 1), 27),
+}
+
+
+def dataset_size(name: str, size: int | None = None, channels: int | None = None):
+    """(training images, input shape, classes) of dataset ``name`` as a preset shapes it."""
+    images, (h, w, c), classes = _SIZES[name]
+    side = size or h
+    return images, (side, side if size else w, channels or c), classes
+
+
+def plan(config: ZooConfig) -> list[dict]:
+    """Every base model the preset trains (see :mod:`reproduce.plan`)."""
+    from reproduce.plan import train_row
+
+    rows = []
+    for entry in config.entries:
+        images, shape, classes = dataset_size(entry.dataset, entry.size, entry.channels)
+        images = min(images, config.max_train or images)
+        rows.append(
+            train_row("base model", entry.model, shape, classes, images, entry.train.epochs)
+        )
+    return rows
+
+
 def _datasets(config: ZooConfig) -> dict[tuple, models.Dataset]:
     """Every dataset of the preset, loaded first, so a missing one stops the run before training."""
     data = {}

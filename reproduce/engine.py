@@ -1,0 +1,394 @@
+"""The evidence x attack engine: embeddings, null models and cells as independent, cached tasks.
+
+``python -m reproduce matrix`` asks, for every piece of ownership evidence
+(every registered watermark scheme and fingerprint) and every removal attack
+(ART's included): is the evidence still there after the attack, on this
+model, and how sure is the verdict? The work splits into tasks that depend
+only on a :class:`Plan` (JSON-able, hashed into the cache folder) and a
+seed, so they run the same in this process or as Ray tasks on a cluster,
+and a killed run resumes where it stopped:
+
+* :func:`embed_task` (seed, unit): the owner's base model marked with one
+  scheme (or fingerprinted), its key, and the verification before any attack;
+* :func:`null_task` (seed, index): one model that never saw any key (an
+  independent seed on the owner's data, a model of the adversary's data, or
+  an extraction surrogate of the unmarked base model), scored against every
+  unit's key: the measured null distribution of every verdict;
+* :func:`cell_task` (seed, unit, column): one attack on one marked model and
+  the verification after it.
+
+Each task writes its result (JSON; models as ``.keras``, keys as ``.npz``)
+under ``<cache>/matrix/<plan hash>/seed<k>/`` and returns it; a rerun reads
+it back. Training inside the tasks goes through :func:`models.train`, cached
+as everywhere else.
+
+A column is an attack name with optional options over its preset:
+``magnitude_pruning:rate=0.5``, ``art:JpegCompression:params=quality=50``
+(the first ``:`` after the name starts the options, ``name=value`` pairs
+separated by ``;``). ``overwrite`` overwrites with the row's own scheme.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import models
+from models import classifier
+from models.errors import UserError
+from models.io import write_text
+from models.training import TrainConfig, default_cache_dir, deterministic, seed_everything
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Plan", "cell_task", "column_unit", "embed_task", "null_kinds", "null_task"]
+
+#: columns that only transform or filter queries: the weights are untouched
+QUERY_LEVEL = ("preprocessor", "postprocessor", "poisoning_defence")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a task needs; its hash names the cache folder of the run.
+
+    Args:
+        preset: the preset of every unit (``smoke``, ``quick``, ``paper``).
+        dataset: the data; ``data_dir``, ``resize``, ``input_range``,
+            ``max_train``, ``max_test`` as for :func:`models.load_for_model`.
+        architecture: the zoo model of the owner ('' with ``model_path``).
+        model_path: a user's trained model (.keras) instead of training one.
+        model_digest: its content digest (so another file is another run).
+        base_train: the owner's recipe for the base model.
+        adversary_share: the adversary's share of the training split.
+        nulls: how many null models of each kind (see :func:`null_kinds`).
+        null_train: the recipe of the null models trained on the owner's data.
+        schemes: the watermark rows; ``fingerprints``: the fingerprint rows.
+        columns: the attack columns.
+    """
+
+    preset: str
+    dataset: str
+    architecture: str
+    base_train: TrainConfig
+    null_train: TrainConfig
+    schemes: tuple[str, ...]
+    fingerprints: tuple[str, ...]
+    columns: tuple[str, ...]
+    adversary_share: float = 0.1
+    nulls: tuple[int, int, int] = (4, 3, 3)
+    data_dir: str | None = None
+    model_path: str | None = None
+    model_digest: str = ""
+    input_range: tuple[float, float] = (0.0, 1.0)
+    resize: bool = False
+    max_train: int | None = None
+    max_test: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Plan:
+        values = dict(values)
+        for name in ("base_train", "null_train"):
+            values[name] = TrainConfig(**values[name])
+        for name in ("schemes", "fingerprints", "columns", "nulls", "input_range"):
+            values[name] = tuple(values[name])
+        return cls(**values)
+
+    def digest(self) -> str:
+        text = json.dumps(self.as_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def folder(self, seed: int) -> Path:
+        return default_cache_dir() / "matrix" / self.digest() / f"seed{seed}"
+
+    @property
+    def units(self) -> tuple[str, ...]:
+        return (*self.schemes, *self.fingerprints)
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+def _cached(path: Path, make) -> dict:
+    """The JSON at ``path``, or ``make()`` written there first."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(result, indent=1, default=_jsonable))
+    return json.loads(path.read_text())
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+@dataclass
+class Context:
+    """What one seed's tasks share: the owner's data, the adversary's, the base model."""
+
+    data: models.Dataset
+    adversary: models.Dataset
+    base: Any
+
+
+def context(plan: Plan, seed: int) -> Context:
+    """Load the data, draw the adversary's share and train (or load) the base model."""
+    deterministic()
+    if plan.model_path:
+        user = models.load_model(plan.model_path)
+        data = models.load_for_model(
+            plan.dataset, user, resize=plan.resize, data_dir=plan.data_dir,
+            max_train=plan.max_train, max_test=plan.max_test, seed=0,
+        )  # fmt: skip
+        data = data.with_input_range(*plan.input_range)
+        base = user
+    else:
+        data = models.load(
+            plan.dataset, data_dir=plan.data_dir, max_train=plan.max_train,
+            max_test=plan.max_test, seed=0,
+        )  # fmt: skip
+        base = _train(plan.architecture, data, dataclasses.replace(plan.base_train, seed=seed))
+    adversary = data.subset(fraction=plan.adversary_share, seed=seed + 1)
+    return Context(data, adversary, base)
+
+
+def _train(architecture: str, data, recipe: TrainConfig, tag: str = ""):
+    seed_everything(recipe.seed)
+    model = models.build(architecture, data.input_shape, data.num_classes)
+    models.train(model, data, recipe, cache_tag=tag, verbose=0)
+    return model
+
+
+def _unit(plan: Plan, name: str, seed: int):
+    """The evidence unit ``name`` at the plan's preset, seeded."""
+    import fingerprints
+    import watermarks
+
+    registry = fingerprints if name in plan.fingerprints else watermarks
+    cls = registry.get(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    return cls.from_preset(plan.preset, **({"seed": seed} if "seed" in fields else {}))
+
+
+def _secret_path(folder: Path, name: str) -> Path:
+    return folder / "units" / name / "secret.npz"
+
+
+def _load_secret(plan: Plan, folder: Path, name: str):
+    from fingerprints.base import Fingerprints
+    from watermarks.base import Key
+
+    loader = Fingerprints if name in plan.fingerprints else Key
+    return loader.load(_secret_path(folder, name))
+
+
+def _verification_row(result) -> dict[str, Any]:
+    return {
+        "statistic": result.statistic,
+        "threshold": result.threshold,
+        "p_value": result.p_value,
+        "positive": result.positive,
+        "label": result.label,
+    }
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def embed_task(plan_values: dict, seed: int, name: str) -> dict:
+    """Mark (or fingerprint) the base model with unit ``name``; cached."""
+    plan = Plan.from_dict(plan_values)
+    folder = plan.folder(seed)
+    return _cached(folder / "units" / name / "summary.json", lambda: _embed(plan, seed, name))
+
+
+def _embed(plan: Plan, seed: int, name: str) -> dict:
+    ctx = context(plan, seed)
+    unit = _unit(plan, name, seed)
+    start = time.perf_counter()
+    folder = plan.folder(seed) / "units" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if name in plan.fingerprints:
+        secret, model = unit.generate(ctx.base, ctx.data), ctx.base
+    else:
+        source = ctx.base if unit.uses_weights else _fresh(plan, ctx)
+        marked = unit.embed(source, ctx.data)
+        secret, model = marked.key, marked.model
+    seconds = time.perf_counter() - start
+    models.save_model(model, folder / "model.keras")
+    secret.save(_secret_path(plan.folder(seed), name))
+    result = unit.verify(model, secret)
+    return {
+        "unit": name,
+        "kind": result.kind,
+        "seconds": seconds,
+        "test_accuracy": classifier.accuracy(model, ctx.data.x_test, ctx.data.y_test),
+        "base_test_accuracy": classifier.accuracy(ctx.base, ctx.data.x_test, ctx.data.y_test),
+        **_verification_row(result),
+    }
+
+
+def _fresh(plan: Plan, ctx: Context):
+    import keras
+
+    seed_everything(plan.base_train.seed)
+    return keras.models.clone_model(ctx.base)
+
+
+def null_kinds(plan: Plan) -> list[str]:
+    """The kind of every null model, by index: independent seeds, adversary's data, surrogates."""
+    seeds, adversary, surrogates = plan.nulls
+    return ["independent"] * seeds + ["adversary_data"] * adversary + ["surrogate"] * surrogates
+
+
+def null_task(plan_values: dict, seed: int, index: int) -> dict:
+    """Null model ``index``, scored against every unit's key of ``seed``; cached."""
+    plan = Plan.from_dict(plan_values)
+    path = plan.folder(seed) / "nulls" / f"{index:03d}.json"
+    return _cached(path, lambda: _null(plan, seed, index))
+
+
+def _null(plan: Plan, seed: int, index: int) -> dict:
+    ctx = context(plan, seed)
+    kind = null_kinds(plan)[index]
+    null_seed = 1000 * (seed + 1) + index
+    if kind == "independent":
+        recipe = dataclasses.replace(plan.null_train, seed=null_seed)
+        model = _train_like(ctx.base, ctx.data, recipe)
+    elif kind == "adversary_data":
+        recipe = dataclasses.replace(plan.null_train, seed=null_seed)
+        model = _train_like(ctx.base, ctx.adversary, recipe)
+    else:
+        model = _surrogate(ctx, plan, null_seed)
+    rows = []
+    for name in plan.units:
+        secret = _load_secret(plan, plan.folder(seed), name)
+        result = _unit(plan, name, seed).verify(model, secret)
+        rows.append({"unit": name, **_verification_row(result)})
+    accuracy = classifier.accuracy(model, ctx.data.x_test, ctx.data.y_test)
+    return {"index": index, "kind": kind, "test_accuracy": accuracy, "rows": rows}
+
+
+def _train_like(base, data, recipe: TrainConfig):
+    import keras
+
+    seed_everything(recipe.seed)
+    model = keras.models.clone_model(base)
+    models.train(model, data, recipe, cache_tag="matrix/null", verbose=0)
+    return model
+
+
+def _surrogate(ctx: Context, plan: Plan, seed: int):
+    """An ART CopycatCNN surrogate of the unmarked base model, on the adversary's images."""
+    import keras
+
+    from models.art import extract
+
+    seed_everything(seed)
+    thief = keras.models.clone_model(ctx.base)
+    recipe = dataclasses.replace(plan.null_train, seed=seed)
+    extract(
+        "art:CopycatCNN", ctx.base, thief, ctx.adversary.x_train, recipe,
+        clip_values=classifier.input_range(ctx.data),
+    )  # fmt: skip
+    return thief
+
+
+def column_unit(column: str) -> tuple[str, dict[str, Any]]:
+    """``"name:opt=v;opt=v"`` -> ``(name, options)``; ART names keep their ``art:`` prefix."""
+    from attacks.art import parse_params
+
+    prefix = "art:" if column.startswith("art:") else ""
+    name, _, options = column.removeprefix(prefix).partition(":")
+    parsed = parse_params(options.replace(";", ",")) if options else {}
+    if prefix and "params" in parsed:  # art:X:params=a=1 keeps the inner pairs
+        parsed["params"] = options.split("params=", 1)[1].replace(";", ",")
+    return prefix + name, parsed
+
+
+def cell_task(plan_values: dict, seed: int, name: str, column: str) -> dict:
+    """Attack ``column`` on the model marked with ``name``, and its verification after; cached."""
+    plan = Plan.from_dict(plan_values)
+    slug = hashlib.sha256(column.encode()).hexdigest()[:10]
+    path = plan.folder(seed) / "cells" / name / f"{slug}.json"
+    return _cached(path, lambda: _cell(plan, seed, name, column))
+
+
+def _cell(plan: Plan, seed: int, name: str, column: str) -> dict:
+    import attacks
+    from attacks.base import Inapplicable
+
+    ctx = context(plan, seed)
+    folder = plan.folder(seed)
+    unit = _unit(plan, name, seed)
+    secret = _load_secret(plan, folder, name)
+    model = models.load_model(folder / "units" / name / "model.keras")
+    row = {"unit": name, "column": column, "kind": unit.kind}
+    attack_name, options = column_unit(column)
+    reason = _not_applicable(plan, unit, name, attack_name, options)
+    if reason is None:
+        attack = _attack(attacks.get(attack_name), plan, options, seed)
+        try:
+            removal = attack.remove(model, ctx.adversary)
+        except (Inapplicable, UserError) as exc:
+            reason = str(exc)
+    if reason is not None:
+        return {**row, "status": "n/a", "reason": reason}
+    try:
+        after = unit.verify(removal.model, secret)
+    except UserError as exc:  # the attack broke the model (non-finite outputs)
+        return {**row, "status": "broken", "reason": str(exc), "seconds": removal.info["seconds"]}
+    accuracy = classifier.accuracy(removal.model, ctx.data.x_test, ctx.data.y_test)
+    return {
+        **row,
+        "status": "ok",
+        "reason": "",
+        "seconds": removal.info["seconds"],
+        "test_accuracy_after": accuracy,
+        **{f"{k}_after": v for k, v in _verification_row(after).items()},
+    }
+
+
+def _not_applicable(plan: Plan, unit, name: str, attack_name: str, options: dict) -> str | None:
+    """Why a column does not apply to a row, or None."""
+    import attacks
+
+    cls = attacks.get(attack_name)
+    if unit.kind == "fragile" and getattr(cls, "art_kind", "") in QUERY_LEVEL:
+        return "the attack leaves the weights untouched; a fragile watermark checks the weights"
+    if attack_name == "overwrite":
+        if name in plan.fingerprints:
+            return "a fingerprint is not embedded: there is no scheme of the row to overwrite with"
+        options["scheme"] = name
+    return None
+
+
+def _attack(cls, plan: Plan, options: dict, seed: int):
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    seeded = {"seed": seed + 7} if "seed" in fields and "seed" not in options else {}
+    return cls.from_preset(plan.preset, **seeded, **options)
+
+
+def finite(value) -> float:
+    """``value`` as a float, NaN for anything missing."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number

@@ -1,0 +1,84 @@
+"""python -m reproduce matrix: the smoke matrix through both executors, and its bad input."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from reproduce.cli import main
+from reproduce.engine import column_unit
+
+#: what may differ between two runs of the same cells: wall time
+_TIMING = ("seconds",)
+
+
+def _exit(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--schemes", "zhang_nope"], "unknown scheme 'zhang_nope'"),
+        (["--attacks", "ftal,art:FastGradientMethod"], "evasion attack"),
+        (["--attacks", "art:NoSuchClass"], "unknown ART"),
+        (["--attacks", "prune_everything"], "unknown removal attack 'prune_everything'"),
+        (["--seeds", "0"], "--seeds 0"),
+        (["--executor", "dask"], "unknown executor 'dask'"),
+        (["--address", "10.0.0.1:6379"], "add --executor ray"),
+        (["--model", "/no/such/model.keras"], "does not exist"),
+    ],
+)
+def test_bad_matrix_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert _exit(["matrix", "--preset", "smoke", "--out", str(out), *argv]) == 2
+    assert message in _one_line(capsys)
+    assert not out.exists()
+
+
+def test_matrix_options_are_refused_for_other_papers(capsys, tmp_path):
+    assert _exit(["models", "--preset", "smoke", "--seeds", "3", "--out", str(tmp_path / "o")]) == 2
+    assert "--seeds apply to 'matrix' only" in _one_line(capsys)
+
+
+def test_columns_carry_options_over_the_preset():
+    assert column_unit("magnitude_pruning:rate=0.9") == ("magnitude_pruning", {"rate": 0.9})
+    assert column_unit("art:JpegCompression:params=quality=50") == (
+        "art:JpegCompression",
+        {"params": "quality=50"},
+    )
+    assert column_unit("ftal") == ("ftal", {})
+
+
+def _frame(folder) -> pd.DataFrame:
+    frame = pd.read_csv(folder / "matrix.csv")
+    return frame.drop(columns=list(_TIMING)).sort_values(["seed", "unit", "column"])
+
+
+@pytest.mark.slow
+def test_smoke_matrix_local_and_ray_give_the_same_cells(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import ray
+
+    outs = {}
+    for executor in ("local", "ray"):
+        monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / f"cache-{executor}"))
+        outs[executor] = tmp_path / executor
+        argv = ["matrix", "--preset", "smoke", "--out", str(outs[executor])]
+        assert main([*argv, "--executor", executor]) == 0
+    ray.shutdown()
+    local, remote = _frame(outs["local"]), _frame(outs["ray"])
+    pd.testing.assert_frame_equal(local.reset_index(drop=True), remote.reset_index(drop=True))
+    claims = pd.read_csv(outs["local"] / "claims.csv")
+    assert set(claims["claim"]) >= {"M1", "M2", "M3", "M4"}
+    for name in ("matrix.csv", "nulls.csv", "null_rates.csv", "fig_matrix.png", "fig_tradeoff.png"):
+        assert (outs["local"] / name).is_file()
