@@ -43,7 +43,7 @@ def _remove(args: argparse.Namespace) -> int:
     out = check_output(args.out, ".keras")
     key = Key.load(args.key) if args.key else None
     subset = {"fraction": args.fraction, "per_class": args.per_class, "max_train": args.max_train}
-    model, data = model_and_data(args, seed=args.seed, **subset)
+    model, data = model_and_data(args, seed=args.data_seed, **subset)
     before = verify(model, key) if key is not None else None
     removal = attack.remove(model, data)
     models.save_model(removal.model, out)
@@ -77,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(remove)
     remove.add_argument("--out", required=True, help="the attacked model (.keras)")
     share = remove.add_mutually_exclusive_group()
-    share.add_argument("--fraction", type=_share, help="the adversary's share of the training split")
+    share.add_argument(
+        "--fraction", type=_share, help="the adversary's share of the training split"
+    )
     share.add_argument("--per-class", type=positive_int, help="training images per class")
     share.add_argument("--max-train", type=positive_int, help="at most N training images")
-    remove.add_argument("--seed", type=int, default=0, help="seed of the adversary's sample")
+    remove.add_argument("--data-seed", type=int, default=0, help="seed of the adversary's sample")
     remove.add_argument("--key", help="the owner's key (.npz): verify before and after")
     remove.add_argument("--info", help="write what the attack found and did (.json)")
     remove.set_defaults(handler=_remove)

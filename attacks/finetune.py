@@ -1,35 +1,55 @@
-"""Fine-tuning removal attacks: FTLL, FTAL, RTLL and RTAL.
+"""Fine-tuning removal attacks: FTLL, FTAL, RTLL and RTAL, registered as four attacks.
 
 Adi, Baum, Cisse, Pinkas, Keshet, "Turning your weakness into a strength:
 watermarking deep neural networks by backdooring", USENIX Security 2018,
 section 5: the adversary fine-tunes the stolen model on data of its own.
 
-- FTLL (fine-tune last layer): only the output layer is trained;
-- FTAL (fine-tune all layers): every layer is trained;
-- RTLL (re-train last layer): the output layer is re-initialised, then only it is trained;
-- RTAL (re-train all layers): the output layer is re-initialised, then every layer is trained.
+- ``ftll`` (fine-tune last layer): only the output layer is trained;
+- ``ftal`` (fine-tune all layers): every layer is trained;
+- ``rtll`` (re-train last layer): the output layer is re-initialised, then only it is trained;
+- ``rtal`` (re-train all layers): the output layer is re-initialised, then every layer is trained.
 
-"The output layer" is the Dense layer named ``logits`` in the zoo's models,
-else the last layer that has weights; ``last_layers`` names others (any
-model, by layer name, never by index). Training goes through
-:func:`models.train`, so an attack run from ``reproduce`` is cached and
-resumes after an interruption; per-epoch measurements are Keras callbacks
-(:class:`models.training.Hook`) whose values land in the history.
+The four share one config (:class:`FineTuneConfig`); each is its own class
+(and matrix column). "The output layer" is the Dense layer named ``logits``
+in the zoo's models, else the last layer that has weights
+(:func:`last_layers`); ``last_layers`` in the config names others (any model,
+by layer name, never by index). Training goes through :func:`models.train`,
+so an attack is cached and resumes after an interruption; hooks are measured
+after every epoch (``info["curves"]``).
+
+Choice made here: ``epochs = 0`` is no attack at all (the copy is returned
+as it is, also for ``rtll``/``rtal``, which would otherwise re-initialise the
+output layer and return a model that answers at chance: nobody would
+deploy it). That is the attacks' zero strength.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
-import numpy as np
 
-from attacks.base import RemovalAttack, clone
+from attacks.base import Removal, RemovalAttack, Requirements, clone
+from models.config import option, validate
 from models.errors import UserError
-from models.training import TrainConfig, TrainResult, train
+from models.training import OPTIMIZERS, Hook, TrainConfig, TrainResult, hook_curves, train
+
+__all__ = [
+    "VARIANTS",
+    "FineTuneAllLayers",
+    "FineTuneConfig",
+    "FineTuneLastLayer",
+    "FineTuning",
+    "RetrainAllLayers",
+    "RetrainLastLayer",
+    "fine_tune",
+    "last_layers",
+    "layers_named",
+    "reinitialise",
+    "train_only",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +58,10 @@ VARIANTS = ("ftll", "ftal", "rtll", "rtal")
 
 @dataclass(frozen=True)
 class FineTuneConfig:
-    """How the adversary fine-tunes.
+    """How the adversary fine-tunes (any of the four variants).
 
     Args:
-        variant: one of ``ftll``, ``ftal``, ``rtll``, ``rtal`` (Adi et al.).
-        epochs: passes over the adversary's data.
+        epochs: passes over the adversary's data (0: no attack).
         batch_size: examples per step.
         optimizer: ``sgd`` or ``adam``.
         learning_rate: the optimizer's learning rate.
@@ -52,24 +71,21 @@ class FineTuneConfig:
         seed: seeds shuffling and re-initialisation.
     """
 
-    variant: str = "ftal"
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    learning_rate: float = 1e-3
-    momentum: float = 0.0
-    last_layers: tuple[str, ...] = ()
-    seed: int = 0
+    epochs: int = option(10, low=0, help="passes over the adversary's data (0: no attack)")
+    batch_size: int = option(64, low=1, help="examples per step")
+    optimizer: str = option("sgd", choices=OPTIMIZERS, help="the optimizer")
+    learning_rate: float = option(1e-3, low=0, low_open=True, help="the learning rate")
+    momentum: float = option(0.0, low=0, high=0.999999, help="SGD momentum")
+    last_layers: tuple[str, ...] = option(
+        (), help="layer names that count as the last layer (empty: logits, else last weighted)"
+    )
+    seed: int = option(0, low=0, high=2**32 - 1, help="seeds shuffling and re-initialisation")
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise UserError(
-                f"unknown fine-tuning variant {self.variant!r}; expected one of: {', '.join(VARIANTS)}"
-            )
-        object.__setattr__(self, "last_layers", tuple(self.last_layers))
-        self.train_config()  # validates epochs, batch size, optimizer, rates and seed
+        validate(self)
 
     def train_config(self) -> TrainConfig:
+        """The recipe as a :class:`TrainConfig` (the cache key of earlier runs)."""
         return TrainConfig(
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -78,6 +94,9 @@ class FineTuneConfig:
             momentum=self.momentum,
             seed=self.seed,
         )
+
+
+# --------------------------------------------------------------------------- shared helpers
 
 
 def layers_named(model: keras.Model, names: Sequence[str]) -> list[keras.layers.Layer]:
@@ -98,17 +117,17 @@ def train_only(model: keras.Model, names: Sequence[str]) -> None:
         layer.trainable = layer.name in keep
 
 
-def output_layers(model: keras.Model, names: Sequence[str] = ()) -> list[keras.layers.Layer]:
-    """The layers ``names`` of ``model``; by default its ``logits`` layer or last weighted layer."""
+def last_layers(model: keras.Model, names: Sequence[str] = ()) -> list[str]:
+    """Names of Adi et al.'s "last layer": ``names`` (checked), else ``logits``, else the last weighted."""
     if names:
-        return layers_named(model, names)
+        return [layer.name for layer in layers_named(model, names)]
     for layer in model.layers:
         if layer.name == "logits" and layer.weights:
-            return [layer]
+            return [layer.name]
     weighted = [layer for layer in model.layers if layer.weights]
     if not weighted:
         raise UserError(f"model {model.name!r} has no layer with weights to fine-tune")
-    return [weighted[-1]]
+    return [weighted[-1].name]
 
 
 def reinitialise(layer: keras.layers.Layer, seed: int) -> None:
@@ -118,80 +137,122 @@ def reinitialise(layer: keras.layers.Layer, seed: int) -> None:
         initializer = getattr(layer, f"{name}_initializer", None)
         if initializer is None:
             continue
-        initializer = initializer.__class__.from_config(
-            {
-                **initializer.get_config(),
-                **({"seed": seed + index} if "seed" in initializer.get_config() else {}),
-            }
+        settings = initializer.get_config()
+        if "seed" in settings:
+            settings = {**settings, "seed": seed + index}
+        fresh = initializer.__class__.from_config(settings)
+        variable.assign(fresh(variable.shape, dtype=variable.dtype))
+
+
+def fine_tune(
+    model: keras.Model,
+    data,
+    config: FineTuneConfig,
+    *,
+    variant: str = "ftal",
+    hooks: Sequence[Hook] = (),
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    cache_tag: str = "",
+) -> TrainResult:
+    """Fine-tune a copy of ``model`` on ``data``'s training split as ``variant`` says.
+
+    The one fine-tuning of the attacks (pruning and Neural Cleanse's
+    unlearning fine-tune through it too).
+
+    Args:
+        model: the model to attack (left untouched).
+        data: a :class:`models.Dataset` (its training split is the
+            adversary's data) or an ``(x, y)`` pair.
+        config: the recipe.
+        variant: one of :data:`VARIANTS`.
+        hooks: measurements after every epoch.
+        callbacks: further Keras callbacks (e.g. keeping pruning masks).
+        cache_tag: names what ``callbacks`` change, for the training cache key.
+
+    Returns:
+        The :class:`models.TrainResult`; its ``model`` is the trained copy,
+        every layer trainable again.
+    """
+    if variant not in VARIANTS:
+        raise UserError(
+            f"unknown fine-tuning variant {variant!r}; expected one of: {', '.join(VARIANTS)}"
         )
-        variable.assign(initializer(variable.shape, dtype=variable.dtype))
-
-
-class FineTune(RemovalAttack):
-    """Adi et al.'s four fine-tuning attacks (``config.variant``)."""
-
-    name = "fine_tune"
-    Config = FineTuneConfig
-
-    def prepare(self, model: keras.Model) -> keras.Model:
-        """The copy of ``model`` that will be trained: re-initialised and frozen as the variant says."""
-        config = self.config
-        copy = clone(model)
-        last = output_layers(copy, config.last_layers)
-        if config.variant.startswith("rt"):
-            for layer in last:
-                reinitialise(layer, config.seed)
-        if config.variant.endswith("ll"):
-            train_only(copy, [layer.name for layer in last])
-        return copy
-
-    def run(
-        self,
-        model: keras.Model,
-        data,
-        *,
-        callbacks: Sequence[keras.callbacks.Callback] = (),
-        cache: bool = False,
-        cache_tag: str = "",
-    ) -> TrainResult:
-        """Fine-tune a copy of ``model`` on ``data``'s training split; the full training result.
-
-        Args:
-            model: the model to attack (left untouched).
-            data: a :class:`models.Dataset` (its training split is the
-                adversary's data) or an ``(x, y)`` pair.
-            callbacks: Keras callbacks, e.g. :class:`models.training.Hook`.
-            cache: reuse (and store) the result in the training cache.
-            cache_tag: names what ``callbacks`` measure, for the cache key.
-        """
-        copy = self.prepare(model)
-        x = data.x_train if hasattr(data, "x_train") else data[0]
-        if len(x) == 0:
-            raise UserError("the adversary's data is empty; fine-tuning needs labelled examples")
-        tag = f"fine_tune/{self.config.variant}/{','.join(self.config.last_layers)}/{cache_tag}"
-        result = train(
+    copy = clone(model)
+    last = last_layers(copy, config.last_layers)
+    if variant.startswith("rt"):
+        for layer in layers_named(copy, last):
+            reinitialise(layer, config.seed)
+    if variant.endswith("ll"):
+        train_only(copy, last)
+    # the tag of the suite's earlier FineTune(variant=...) runs, so their cache entries serve
+    tag = f"fine_tune/{variant}/{','.join(config.last_layers)}/{cache_tag}"
+    try:
+        return train(
             copy,
             data,
-            self.config.train_config(),
-            cache=cache,
+            config.train_config(),
             cache_tag=tag,
+            hooks=hooks,
             callbacks=callbacks,
             verbose=0,
         )
+    finally:
         for layer in copy.layers:
             layer.trainable = True
-        return result
-
-    def remove(self, model: keras.Model, data, **options) -> keras.Model:
-        """A fine-tuned copy of ``model`` (see :meth:`run` for ``options``)."""
-        return self.run(model, data, **options).model
 
 
-def variant(name: str, **options) -> FineTune:
-    """``FineTune`` for variant ``name`` (``ftll``, ``ftal``, ``rtll``, ``rtal``) with ``options``."""
-    return FineTune(FineTuneConfig(variant=name, **options))
+# --------------------------------------------------------------------------- the four attacks
 
 
-def with_data(data, x: np.ndarray, y: np.ndarray):
-    """``data`` with its training split replaced by the adversary's ``(x, y)``."""
-    return dataclasses.replace(data, x_train=np.asarray(x), y_train=np.asarray(y))
+class FineTuning(RemovalAttack):
+    """Adi et al.'s fine-tuning attacks; the subclasses are the four variants (``name``)."""
+
+    Config = FineTuneConfig
+    presets = {
+        "smoke": {"epochs": 1},
+        "quick": {"epochs": 5},  # the quick reproductions' RTAL and FTAL (bi-level's weak attack)
+        "paper": {"epochs": 20},  # Aiken et al.'s RTAL baseline
+    }
+    requires = Requirements(min_examples=1)
+    zero_strength = {"epochs": 0}
+
+    def _remove(self, model, data, *, hooks):
+        config = self.config
+        if config.epochs == 0:
+            return Removal(clone(model), {"variant": self.name, "epochs_run": 0, "curves": {}})
+        last = last_layers(model, config.last_layers)
+        result = fine_tune(model, data, config, variant=self.name, hooks=hooks)
+        info = {
+            "variant": self.name,
+            "reinitialised": last if self.name.startswith("rt") else [],
+            "trained": "all" if self.name.endswith("al") else last,
+            "epochs_run": result.epochs_run,
+            "from_cache": result.from_cache,
+            "final_loss": (result.history.get("loss") or [None])[-1],
+            "curves": hook_curves(result.history, hooks),
+        }
+        return Removal(result.model, info)
+
+
+class FineTuneLastLayer(FineTuning):
+    """FTLL: only the output layer is fine-tuned."""
+
+    name = "ftll"
+
+
+class FineTuneAllLayers(FineTuning):
+    """FTAL: every layer is fine-tuned."""
+
+    name = "ftal"
+
+
+class RetrainLastLayer(FineTuning):
+    """RTLL: the output layer is re-initialised, then only it is trained."""
+
+    name = "rtll"
+
+
+class RetrainAllLayers(FineTuning):
+    """RTAL: the output layer is re-initialised, then every layer is trained."""
+
+    name = "rtal"

@@ -31,39 +31,80 @@ Rounds repeat the three steps on the retrained model; laundering stops early
 when the class first found most likely infected becomes the least likely
 (retraining would then strengthen the watermark, section 4).
 
-The adversary is black-box with respect to the watermark: :meth:`Laundering.remove`
-never sees the key, only its small labelled set (``data.x_train``).
+The adversary is black-box with respect to the watermark: the attack never
+sees the key, only its small labelled set (``data.x_train``, ``data.y_train``).
+
+**DT and CT.** The paper gives no values. ``thresholds="fixed"`` uses
+``dense_threshold`` and ``conv_threshold`` as they are (absolute thresholds
+on the activation difference; the presets set them). ``thresholds="auto"``
+chooses them as a black-box adversary can, from its own data only: it
+splits its labelled set (:meth:`models.Dataset.split`, stratified,
+``held_out`` of it held out), runs one round of laundering on the rest for
+every candidate of ``reset_shares`` (a share s resets the units whose
+difference is among the top s of their kind, dense and convolutional apart:
+DT and CT are the matching quantiles of the differences, never below 0, so a
+unit whose activation falls with the trigger is never reset), from the
+largest reset down, and keeps the first (so the largest) whose accuracy on
+the held-out part drops by at most ``max_drop`` from the suspect model's.
+When none does, DT and CT are the largest differences (no unit of the grid's
+round reset). The attack then launders with those DT and CT on all its
+data, held-out part included. ``info["thresholds"]`` holds the chosen values
+and every candidate's measurements (thresholds, units reset, held-out
+accuracy, drop). The held-out part is small where the adversary's set is
+(90 images of 360 for MNIST at 0.6%), so its accuracy moves in steps of
+about 1%.
+
+``info`` also holds one report per round (suspect and least-likely class,
+flagged classes, anomaly indices, mask L1 norms and attack success of
+Neural Cleanse, units reset per layer, the adversary's accuracy, seconds),
+``stopped_early``, and the hooks' values after every round
+(``info["curves"]``). Neural Cleanse results are cached
+(:mod:`attacks.neural_cleanse`): ``detect(model, data,
+attack.detection_config(1))`` gives back the first round's triggers at no
+cost.
 
 Choices the paper leaves open, made here and reported: the activation of a
 convolution followed by batch normalisation and a ReLU is read after that ReLU
-(where the unit's signal is); DT and CT are absolute thresholds on the
-activation difference (the paper gives no values; the presets set them);
-retraining runs for a fixed number of epochs with a preset's optimizer; the reset units' mask is
-kept during retraining as the paper keeps them "reset on each successive
-pass".
+(where the unit's signal is); retraining runs for a fixed number of epochs
+with a preset's optimizer; the reset units' mask is kept during retraining as
+the paper keeps them "reset on each successive pass".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
 
-from attacks.base import RemovalAttack, clone
-from attacks.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, reverse_engineer
+from attacks.base import Removal, RemovalAttack, Requirements, clone
+from attacks.neural_cleanse import NeuralCleanseConfig, NeuralCleanseResult, detect
 from attacks.pruning import KeepMasks
 from models import classifier
+from models.config import option, validate
 from models.errors import UserError
-from models.training import TrainConfig, train
+from models.training import OPTIMIZERS, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "Laundering",
+    "LaunderingConfig",
+    "activation_difference",
+    "reset_batch_norm",
+    "reset_layers",
+    "reset_units",
+    "share_thresholds",
+]
+
 SCOPES = ("all", "second_half")
+THRESHOLD_MODES = ("fixed", "auto")
 _UNIT_LAYERS = (keras.layers.Conv2D, keras.layers.Dense)
 _FOLLOWERS = (keras.layers.BatchNormalization, keras.layers.Activation, keras.layers.ReLU)
 
@@ -73,11 +114,16 @@ class LaunderingConfig:
     """One laundering attack.
 
     Args:
-        rounds: maximum rounds of recovery, reset and retraining.
+        rounds: maximum rounds of recovery, reset and retraining (0: no attack).
         dense_threshold: DT, the activation difference above which a dense
-            neuron is reset.
+            neuron is reset (``thresholds="fixed"``).
         conv_threshold: CT, the same for a convolutional channel (its mean
             over positions).
+        thresholds: ``fixed`` (DT and CT as given) or ``auto`` (chosen from
+            the adversary's own data, see the module docstring).
+        reset_shares: the candidates of ``auto``: shares of the units reset.
+        max_drop: the largest drop of held-out accuracy ``auto`` accepts.
+        held_out: the share of the adversary's labelled set ``auto`` holds out.
         reset_scope: ``all`` intermediate layers, or the ``second_half`` of
             them (the paper's choice for ResNets).
         reset_batch_norm: reset the moving mean and variance of every
@@ -91,39 +137,38 @@ class LaunderingConfig:
             least-likely class, to the retraining data.
         early_stop: stop when the first round's suspect class becomes the
             least likely.
-        neural_cleanse: the trigger reverse-engineering settings.
-        seed: seeds Neural Cleanse and retraining.
+        neural_cleanse: the trigger reverse-engineering settings (its seed is
+            replaced by ``seed + round``).
+        seed: seeds Neural Cleanse, the held-out split and retraining.
     """
 
-    rounds: int = 1
-    dense_threshold: float = 0.5
-    conv_threshold: float = 0.1
-    reset_scope: str = "all"
-    reset_batch_norm: bool = True
-    retrain_epochs: int = 10
-    retrain_batch_size: int = 32
-    retrain_learning_rate: float = 1e-4
-    retrain_optimizer: str = "adam"
-    retrain_momentum: float = 0.0
-    label_masks: bool = True
-    early_stop: bool = True
-    neural_cleanse: NeuralCleanseConfig = field(default_factory=NeuralCleanseConfig)
-    seed: int = 0
+    rounds: int = option(1, low=0, help="rounds of recovery, reset and retraining (0: none)")
+    dense_threshold: float = option(0.5, low=0, help="DT: activation difference of dense units")
+    conv_threshold: float = option(0.1, low=0, help="CT: activation difference of channels")
+    thresholds: str = option("fixed", choices=THRESHOLD_MODES, help="DT/CT as given, or chosen")
+    reset_shares: tuple[float, ...] = option(
+        (0.02, 0.05, 0.1, 0.2, 0.3), low=0, low_open=True, high=1, help="auto: candidate shares"
+    )
+    max_drop: float = option(0.03, low=0, high=1, help="auto: largest held-out accuracy drop")
+    held_out: float = option(0.25, low=0, low_open=True, high=0.9, help="auto: share held out")
+    reset_scope: str = option("all", choices=SCOPES, help="layers that may be reset")
+    reset_batch_norm: bool = option(True, help="reset batch-normalisation statistics")
+    retrain_epochs: int = option(10, low=0, help="retraining epochs per round")
+    retrain_batch_size: int = option(32, low=1, help="retraining batch size")
+    retrain_learning_rate: float = option(1e-4, low=0, low_open=True, help="retraining rate")
+    retrain_optimizer: str = option("adam", choices=OPTIMIZERS, help="retraining optimizer")
+    retrain_momentum: float = option(0.0, low=0, high=0.999999, help="retraining SGD momentum")
+    label_masks: bool = option(True, help="retrain on the masks labelled least likely")
+    early_stop: bool = option(True, help="stop when the first suspect becomes least likely")
+    neural_cleanse: NeuralCleanseConfig = option(
+        factory=NeuralCleanseConfig, help="the trigger reverse engineering"
+    )
+    seed: int = option(0, low=0, high=2**32 - 1, help="seeds every random choice")
 
     def __post_init__(self):
-        if not isinstance(self.rounds, int) or self.rounds < 1:
-            raise UserError(f"rounds must be a positive integer, got {self.rounds!r}")
-        for name in ("dense_threshold", "conv_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise UserError(f"{name} must be a non-negative number, got {value!r}")
-        if self.reset_scope not in SCOPES:
-            raise UserError(
-                f"unknown reset_scope {self.reset_scope!r}; expected one of: {', '.join(SCOPES)}"
-            )
-        if isinstance(self.neural_cleanse, dict):
-            object.__setattr__(self, "neural_cleanse", NeuralCleanseConfig(**self.neural_cleanse))
-        self.retrain_config()  # validates epochs, batch size, learning rate and seed
+        validate(self)
+        if self.thresholds == "auto" and not self.reset_shares:
+            raise UserError("thresholds='auto' needs at least one share in reset_shares")
 
     def retrain_config(self) -> TrainConfig:
         return TrainConfig(
@@ -136,29 +181,7 @@ class LaunderingConfig:
         )
 
 
-@dataclass(frozen=True)
-class RoundReport:
-    """What one round found and did."""
-
-    round: int
-    suspect: int
-    least_likely: int
-    flagged: tuple[int, ...]
-    anomaly_indices: tuple[float, ...]
-    l1_norms: tuple[float, ...]
-    reset_units: dict[str, int]
-    units: dict[str, int]
-    seconds: float
-
-
-@dataclass
-class LaunderingResult:
-    """The laundered model and the account of every round."""
-
-    model: keras.Model
-    rounds: list[RoundReport]
-    neural_cleanse: list[NeuralCleanseResult]
-    stopped_early: bool
+# --------------------------------------------------------------------------- Algorithm 1
 
 
 def _signal_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
@@ -202,13 +225,22 @@ def activation_difference(
 
     A convolutional channel's activation is averaged over positions too.
     """
-    probe = keras.Model(model.inputs, [_signal_layer(layer).output for layer in layers])
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # called with arrays
+    probe = keras.Model(inputs, [_signal_layer(layer).output for layer in layers])
 
     def means(x: np.ndarray) -> list[np.ndarray]:
-        outputs = probe.predict(x, batch_size=batch_size, verbose=0)
-        if len(layers) == 1:
-            outputs = [outputs]
-        return [out.reshape(-1, out.shape[-1]).mean(axis=0) for out in outputs]
+        # direct calls, not probe.predict: a new probe per round (and per candidate of
+        # thresholds="auto") would trace a new predict function each time; running sums
+        # keep memory to one batch of activations
+        sums, rows = [0.0] * len(layers), [0] * len(layers)
+        for start in range(0, len(x), batch_size):
+            outputs = probe(x[start : start + batch_size], training=False)
+            outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+            for i, out in enumerate(outputs):
+                flat = keras.ops.convert_to_numpy(out).reshape(-1, out.shape[-1])
+                sums[i] = sums[i] + flat.sum(axis=0, dtype=np.float64)
+                rows[i] += len(flat)
+        return [(total / count).astype(np.float32) for total, count in zip(sums, rows, strict=True)]
 
     return {
         layer.name: watermarked - normal
@@ -274,10 +306,46 @@ def reset_batch_norm(model: keras.Model) -> int:
     return count
 
 
-def mask_images(result: NeuralCleanseResult, channels: int) -> np.ndarray:
-    """The reconstructed masks as images (``mask * pattern``), one per class."""
-    masks = result.masks.reshape(*result.masks.shape[:3], 1)
-    return (masks * result.patterns[..., :channels]).astype(np.float32)
+def share_thresholds(
+    model: keras.Model, differences: dict[str, np.ndarray], share: float
+) -> tuple[float | None, float | None]:
+    """``(DT, CT)`` that reset the top ``share`` of dense units and of channels by difference.
+
+    Each is the difference just below the top ``round(share * n)`` of its
+    kind (so exactly those are above it, ties aside), never below 0; None
+    where the model has no unit of that kind in scope.
+    """
+    kinds: dict[bool, list[np.ndarray]] = {True: [], False: []}
+    for name, difference in differences.items():
+        kinds[isinstance(model.get_layer(name), keras.layers.Conv2D)].append(difference)
+
+    def threshold(parts: list[np.ndarray]) -> float | None:
+        if not parts:
+            return None
+        values = np.sort(np.concatenate(parts))
+        keep = len(values) - int(round(share * len(values)))
+        return max(float(values[max(keep - 1, 0)] if keep else values[0] - 1.0), 0.0)
+
+    return threshold(kinds[False]), threshold(kinds[True])
+
+
+# --------------------------------------------------------------------------- the attack
+
+
+def _round_report(number: int, found: NeuralCleanseResult, counts, units, accuracy, start):
+    return {
+        "round": number,
+        "suspect": found.most_suspicious(),
+        "least_likely": found.least_suspicious(),
+        "flagged": [int(c) for c in found.flagged],
+        "anomaly_indices": [float(v) if math.isfinite(v) else None for v in found.anomaly_indices],
+        "l1_norms": [float(v) for v in found.l1_norms],
+        "attack_success": [float(v) for v in found.attack_success],
+        "reset_units": counts,
+        "units": units,
+        "adversary_accuracy": accuracy,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 class Laundering(RemovalAttack):
@@ -285,49 +353,46 @@ class Laundering(RemovalAttack):
 
     name = "laundering"
     Config = LaunderingConfig
+    presets = {
+        "smoke": {"retrain_epochs": 1, "neural_cleanse.steps": 3},
+        # the quick laundering reproduction's Zhang et al. setting (Table 5 network)
+        "quick": {
+            "dense_threshold": 0.4,
+            "conv_threshold": 0.25,
+            "retrain_epochs": 10,
+            "neural_cleanse.steps": 60,
+            "neural_cleanse.mini_batches": 11,
+        },
+        "paper": {"retrain_epochs": 20},
+    }
+    requires = Requirements(min_examples=2)
+    zero_strength = {"rounds": 0}
 
-    def run(
-        self,
-        model: keras.Model,
-        data,
-        *,
-        on_round: Callable[[int, keras.Model], None] | None = None,
-        cache: bool = True,
-    ) -> LaunderingResult:
-        """Launder a copy of ``model`` with the adversary's labelled set ``data.x_train``.
-
-        Args:
-            model: the suspect watermarked model (left untouched).
-            data: a :class:`models.Dataset` whose training split is the
-                adversary's small labelled set (or an ``(x, y)`` pair).
-            on_round: called after each round with its number (1-based) and
-                the laundered model so far, e.g. to measure accuracy per round.
-            cache: reuse cached retrainings (same model, data and settings).
-
-        Returns:
-            The :class:`LaunderingResult`.
-        """
+    def detection_config(self, round_number: int) -> NeuralCleanseConfig:
+        """The Neural Cleanse configuration of round ``round_number`` (1-based)."""
         config = self.config
-        x, y = (data.x_train, data.y_train) if hasattr(data, "x_train") else data
-        x, y = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64).reshape(-1)
-        if len(x) == 0:
-            raise UserError("laundering needs the adversary's labelled images; got none")
-        if tuple(x.shape[1:]) != tuple(model.input_shape[1:]):
-            raise UserError(
-                f"the adversary's images have shape {x.shape[1:]} but the model expects "
-                f"{model.input_shape[1:]}"
-            )
-        current = clone(model)
-        reset_layers(current, config.reset_scope)  # fail early on an unsupported model
-        reports: list[RoundReport] = []
-        cleanse: list[NeuralCleanseResult] = []
-        first_suspect: int | None = None
-        stopped = False
+        return dataclasses.replace(config.neural_cleanse, seed=config.seed + round_number)
+
+    def _remove(self, model, data, *, hooks):
+        config = self.config
+        reset_layers(model, config.reset_scope)  # fail early on an unsupported model
+        if config.rounds == 0:
+            return Removal(clone(model), {"rounds": [], "stopped_early": False, "curves": {}})
+        if config.thresholds == "auto":
+            choice = self._choose_thresholds(model, data)
+        else:
+            choice = {
+                "mode": "fixed",
+                "dense": config.dense_threshold,
+                "conv": config.conv_threshold,
+            }
+        current = model
+        reports: list[dict[str, Any]] = []
+        curves: dict[str, list[float]] = {hook.name: [] for hook in hooks}
+        first_suspect, stopped = None, False
         for number in range(1, config.rounds + 1):
             start = time.perf_counter()
-            nc_config = dataclasses.replace(config.neural_cleanse, seed=config.seed + number)
-            found = reverse_engineer(current, x, nc_config, y_clean=y)
-            cleanse.append(found)
+            found = detect(current, data, self.detection_config(number))
             suspect, least = found.most_suspicious(), found.least_suspicious()
             if first_suspect is None:
                 first_suspect = suspect
@@ -335,151 +400,102 @@ class Laundering(RemovalAttack):
                 log.info("round %d: class %d is now the least likely infected; stop", number, least)
                 stopped = True
                 break
-            current, counts, units = self._launder_once(current, x, y, found, suspect, least, cache)
-            reports.append(
-                RoundReport(
-                    round=number,
-                    suspect=suspect,
-                    least_likely=least,
-                    flagged=tuple(int(c) for c in found.flagged),
-                    anomaly_indices=tuple(float(v) for v in found.anomaly_indices),
-                    l1_norms=tuple(float(v) for v in found.l1_norms),
-                    reset_units=counts,
-                    units=units,
-                    seconds=time.perf_counter() - start,
-                )
-            )
+            thresholds = (choice["dense"], choice["conv"])
+            current, counts, units = self._launder_once(current, data, found, thresholds)
+            accuracy = classifier.accuracy(current, data.x_train, data.y_train)
+            reports.append(_round_report(number, found, counts, units, accuracy, start))
             log.info(
                 "round %d: suspect %d, least likely %d, reset %d of %d units, adversary's accuracy %.4f",
-                number,
-                suspect,
-                least,
-                sum(counts.values()),
-                sum(units.values()),
-                classifier.accuracy(current, x, y),
-            )
-            if on_round is not None:
-                on_round(number, current)
-        return LaunderingResult(current, reports, cleanse, stopped)
+                number, suspect, least, sum(counts.values()), sum(units.values()), accuracy,
+            )  # fmt: skip
+            for hook in hooks:
+                curves[hook.name].append(hook(current))
+        info = {"thresholds": choice, "rounds": reports, "stopped_early": stopped, "curves": curves}
+        return Removal(current if reports else clone(model), info)
 
-    def _launder_once(
-        self,
-        model: keras.Model,
-        x: np.ndarray,
-        y: np.ndarray,
-        found: NeuralCleanseResult,
-        suspect: int,
-        least: int,
-        cache: bool,
-    ) -> tuple[keras.Model, dict[str, int], dict[str, int]]:
+    def _launder_once(self, model, data, found: NeuralCleanseResult, thresholds):
+        """Steps 2 and 3 on a copy of ``model``: ``(laundered, reset per layer, units per layer)``."""
         config = self.config
-        triggered = np.asarray(found.apply(x, suspect), dtype=np.float32)
+        suspect, least = found.most_suspicious(), found.least_suspicious()
+        x, y = data.x_train, data.y_train
+        triggered = found.apply(x, suspect, data=data)
         layers = reset_layers(model, config.reset_scope)
         differences = activation_difference(model, layers, x, triggered)
         laundered = clone(model)
-        masks, counts = reset_units(
-            laundered, differences, config.dense_threshold, config.conv_threshold
-        )
-        units = {name: len(diff) for name, diff in differences.items()}
+        masks, counts = reset_units(laundered, differences, *thresholds)
         if config.reset_batch_norm:
             reset_batch_norm(laundered)
         parts_x, parts_y = [x, triggered], [y, y]
         if config.label_masks:
-            images = mask_images(found, x.shape[-1])
+            images = data.from_unit(found.trigger_images())
             parts_x.append(images)
             parts_y.append(np.full(len(images), least, dtype=np.int64))
-        x_retrain = np.concatenate(parts_x)
-        y_retrain = np.concatenate(parts_y)
         train(
             laundered,
-            (x_retrain, y_retrain),
+            (np.concatenate(parts_x), np.concatenate(parts_y)),
             config.retrain_config(),
-            cache=cache,
             cache_tag="laundering/retrain",
             callbacks=[KeepMasks(masks)] if masks else [],
             verbose=0,
         )
+        units = {name: len(difference) for name, difference in differences.items()}
         return laundered, counts, units
 
-    def remove(self, model: keras.Model, data, **options) -> keras.Model:
-        """The laundered copy of ``model`` (see :meth:`run`)."""
-        return self.run(model, data, **options).model
+    def _choose_thresholds(self, model, data) -> dict[str, Any]:
+        """DT and CT from the adversary's own data: the largest reset within ``max_drop``."""
+        config = self.config
+        part, held = data.split(config.held_out, seed=config.seed)
+        before = classifier.accuracy(model, held.x_train, held.y_train)
+        found = detect(model, part, self.detection_config(1))
+        layers = reset_layers(model, config.reset_scope)
+        triggered = found.apply(part.x_train, found.most_suspicious(), data=part)
+        differences = activation_difference(model, layers, part.x_train, triggered)
+        nothing = self._candidate(model, differences, 0.0)  # the largest differences
+        choice: dict[str, Any] = {
+            "mode": "auto",
+            "dense": nothing[0],
+            "conv": nothing[1],
+            "share": 0.0,
+            "max_drop": config.max_drop,
+            "held_out_images": len(held.y_train),
+            "laundering_images": len(part.y_train),
+            "held_out_accuracy": before,
+            "suspect": found.most_suspicious(),
+            "grid": [],
+        }
+        tried = set()
+        for share in sorted(set(config.reset_shares), reverse=True):  # the largest reset first
+            candidate = self._candidate(model, differences, share)
+            if candidate in tried:
+                continue
+            tried.add(candidate)
+            laundered, counts, _ = self._launder_once(model, part, found, candidate)
+            after = classifier.accuracy(laundered, held.x_train, held.y_train)
+            accepted = before - after <= config.max_drop + 1e-9  # float noise of a difference
+            choice["grid"].append(
+                {
+                    "share": share,
+                    "dense": candidate[0],
+                    "conv": candidate[1],
+                    "reset_units": sum(counts.values()),
+                    "held_out_accuracy": after,
+                    "drop": before - after,
+                    "accepted": accepted,
+                }
+            )
+            if accepted:
+                choice.update(dense=candidate[0], conv=candidate[1], share=share)
+                break
+        log.info(
+            "laundering thresholds: DT %.4g, CT %.4g (share %g)",
+            choice["dense"], choice["conv"], choice["share"],
+        )  # fmt: skip
+        return choice
 
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_command(subparsers) -> None:
-    """Add ``launder`` to ``python -m attacks``."""
-    parser = subparsers.add_parser(
-        "launder",
-        help="remove a backdoor watermark by Neural Network Laundering (Aiken et al. 2021)",
-        description="Neural Network Laundering on a user's .keras model, as a black-box "
-        "adversary holding a small labelled share of the dataset's training split; writes the "
-        "laundered model and prints test accuracy before and after.",
-    )
-    parser.add_argument("--model", required=True, help="the watermarked model (.keras, safe mode)")
-    parser.add_argument("--dataset", required=True, help="the dataset the model was trained on")
-    parser.add_argument("--data-dir", default=None, help="directory holding the dataset")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--fraction", type=float, default=None, help="share of the training split")
-    size.add_argument("--per-class", type=int, default=None, help="images per class")
-    parser.add_argument("--rounds", type=int, default=1, help="laundering rounds (1)")
-    parser.add_argument("--dense-threshold", type=float, default=LaunderingConfig.dense_threshold)
-    parser.add_argument("--conv-threshold", type=float, default=LaunderingConfig.conv_threshold)
-    parser.add_argument(
-        "--reset-scope", choices=SCOPES, default="all", help="second_half for deep ResNets"
-    )
-    parser.add_argument("--retrain-epochs", type=int, default=LaunderingConfig.retrain_epochs)
-    parser.add_argument(
-        "--nc-steps", type=int, default=NeuralCleanseConfig.steps, help="Neural Cleanse epochs"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="where to write the laundered .keras model")
-    parser.set_defaults(handler=_command)
-
-
-def _command(args) -> int:
-    import models
-
-    out = models.loading.output_path(args.out, ".keras")
-    if args.fraction is not None and not 0 < args.fraction <= 1:
-        raise UserError(f"bad --fraction {args.fraction!r}; expected a number in (0, 1]")
-    if args.per_class is not None and args.per_class < 1:
-        raise UserError(f"bad --per-class {args.per_class!r}; expected an integer >= 1")
-    fraction = 0.006 if args.fraction is None and args.per_class is None else args.fraction
-    config = LaunderingConfig(
-        rounds=args.rounds,
-        dense_threshold=args.dense_threshold,
-        conv_threshold=args.conv_threshold,
-        reset_scope=args.reset_scope,
-        retrain_epochs=args.retrain_epochs,
-        neural_cleanse=NeuralCleanseConfig(steps=args.nc_steps, seed=args.seed),
-        seed=args.seed,
-    )
-    model = models.load_model(args.model)
-    data = models.load_for_model(
-        args.dataset,
-        model,
-        resize=False,
-        data_dir=args.data_dir,
-        fraction=fraction,
-        per_class=args.per_class,
-        seed=args.seed,
-    )
-    before = classifier.accuracy(model, data.x_test, data.y_test)
-    result = Laundering(config).run(model, data, cache=False)
-    after = classifier.accuracy(result.model, data.x_test, data.y_test)
-    models.save_model(result.model, out)
-    print(f"adversary's data: {len(data.y_train)} labelled {args.dataset} training images")
-    for report in result.rounds:
-        print(
-            f"round {report.round}: suspect class {report.suspect} (anomaly index "
-            f"{report.anomaly_indices[report.suspect]:.2f}), least likely {report.least_likely}, "
-            f"reset {sum(report.reset_units.values())} of {sum(report.units.values())} units"
+    def _candidate(self, model, differences, share: float) -> tuple[float, float]:
+        """``(DT, CT)`` of ``share``; the configured value for a kind the model lacks."""
+        dense, conv = share_thresholds(model, differences, share)
+        return (
+            self.config.dense_threshold if dense is None else dense,
+            self.config.conv_threshold if conv is None else conv,
         )
-    if result.stopped_early:
-        print("stopped early: the first suspect class became the least likely")
-    print(f"test accuracy: {before:.4f} before, {after:.4f} after laundering")
-    print(f"wrote {out}")
-    return 0

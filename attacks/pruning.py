@@ -23,16 +23,31 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
 import numpy as np
 
-from attacks.base import RemovalAttack, clone
-from attacks.finetune import FineTune, FineTuneConfig
+from attacks.base import Removal, RemovalAttack, Requirements, clone
+from attacks.finetune import FineTuneConfig, fine_tune
 from models import classifier
+from models.config import option, validate
 from models.errors import UserError
+from models.training import hook_curves
+
+__all__ = [
+    "FinePruning",
+    "FinePruningConfig",
+    "KeepMasks",
+    "MagnitudePruning",
+    "PruningConfig",
+    "apply_masks",
+    "channel_activations",
+    "last_conv_layer",
+    "magnitude_masks",
+    "magnitude_prune",
+    "prunable_layers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +55,12 @@ _PRUNABLE = (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv
 
 
 def _kernel(layer: keras.layers.Layer):
-    return getattr(layer, "depthwise_kernel", None) or getattr(layer, "kernel", None)
+    kernel = getattr(layer, "depthwise_kernel", None)
+    return kernel if kernel is not None else getattr(layer, "kernel", None)
+
+
+def _path(layer: keras.layers.Layer) -> str:
+    return layer.path if hasattr(layer, "path") else layer.name
 
 
 def prunable_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -57,7 +77,7 @@ def prunable_layers(model: keras.Model) -> list[keras.layers.Layer]:
 def magnitude_masks(model: keras.Model, rate: float) -> dict[str, np.ndarray]:
     """Per prunable layer, a 0/1 mask keeping all but the ``rate`` smallest-magnitude weights."""
     if not 0.0 <= rate <= 1.0:
-        raise UserError(f"pruning rate must be in [0, 1], got {rate!r}")
+        raise UserError(f"pruning rate must lie in [0, 1], got {rate!r}")
     masks = {}
     for layer in prunable_layers(model):
         weights = np.abs(keras.ops.convert_to_numpy(_kernel(layer)))
@@ -66,14 +86,14 @@ def magnitude_masks(model: keras.Model, rate: float) -> dict[str, np.ndarray]:
         if count:
             # argsort is stable, so ties are broken the same way every run
             mask[np.argsort(weights, axis=None, kind="stable")[:count]] = 0.0
-        masks[layer.path if hasattr(layer, "path") else layer.name] = mask.reshape(weights.shape)
+        masks[_path(layer)] = mask.reshape(weights.shape)
     return masks
 
 
 def apply_masks(model: keras.Model, masks: dict[str, np.ndarray]) -> None:
     """Multiply every masked kernel of ``model`` by its mask, in place."""
     for layer in prunable_layers(model):
-        mask = masks.get(layer.path if hasattr(layer, "path") else layer.name)
+        mask = masks.get(_path(layer))
         if mask is not None:
             kernel = _kernel(layer)
             kernel.assign(keras.ops.convert_to_numpy(kernel) * mask)
@@ -95,7 +115,9 @@ class KeepMasks(keras.callbacks.Callback):
     """Re-applies pruning masks after every training step, so pruned weights stay zero.
 
     ``masks`` maps a layer's path to its kernel's mask and ``"<path>/bias"`` to
-    its bias's mask.
+    its bias's mask. A masked weight is zero before every step and reset to
+    zero after it, so the optimizer's update of it is discarded: the masked
+    optimisation of Han et al. and Liu et al., on top of any Keras optimizer.
     """
 
     def __init__(self, masks: dict[str, np.ndarray]):
@@ -106,7 +128,7 @@ class KeepMasks(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._pairs = []
         for layer in prunable_layers(self.model):
-            path = layer.path if hasattr(layer, "path") else layer.name
+            path = _path(layer)
             mask = self.masks.get(path)
             if mask is not None:
                 self._pairs.append((_kernel(layer), keras.ops.convert_to_tensor(mask)))
@@ -119,22 +141,37 @@ class KeepMasks(keras.callbacks.Callback):
             kernel.assign(kernel * mask)
 
 
-def _fine_tune(
-    model: keras.Model,
-    data,
-    config: FineTuneConfig | None,
-    masks: dict[str, np.ndarray],
-    tag: str,
-    callbacks: Sequence[keras.callbacks.Callback],
-    cache: bool,
-) -> keras.Model:
-    if config is None:
-        return model
-    attack = FineTune(config)
-    result = attack.run(
-        model, data, callbacks=[KeepMasks(masks), *callbacks], cache=cache, cache_tag=tag
+def _masked_fine_tune(model, data, config: FineTuneConfig, masks, tag: str, hooks) -> Removal:
+    """FTAL of the pruned ``model`` with ``masks`` held; curves: after pruning, then every epoch."""
+    first = {hook.name: [hook(model)] for hook in hooks}
+    if config.epochs == 0:
+        return Removal(model, {"fine_tune_epochs": 0, "curves": first})
+    result = fine_tune(
+        model,
+        data,
+        config,
+        variant="ftal",
+        hooks=hooks,
+        callbacks=[KeepMasks(masks)],
+        cache_tag=tag,
     )
-    return result.model
+    curves = hook_curves(result.history, hooks)
+    info = {
+        "fine_tune_epochs": result.epochs_run,
+        "from_cache": result.from_cache,
+        "curves": {name: first[name] + curves[name] for name in first},
+    }
+    return Removal(result.model, info)
+
+
+def _fine_tune_option(epochs: int):
+    return option(
+        factory=lambda: FineTuneConfig(epochs=epochs),
+        help="the masked fine-tuning (all layers) that follows (epochs 0: none)",
+    )
+
+
+# --------------------------------------------------------------------------- magnitude pruning
 
 
 @dataclass(frozen=True)
@@ -143,49 +180,52 @@ class PruningConfig:
 
     Args:
         rate: fraction of every kernel's weights set to zero, in [0, 1].
-        fine_tune: how the pruned model is fine-tuned afterwards (pruned
-            weights stay zero); ``None``: no fine-tuning.
+        fine_tune: how the pruned model is fine-tuned afterwards, all layers,
+            pruned weights held at zero (``fine_tune.epochs`` 0: no fine-tuning).
     """
 
-    rate: float = 0.9
-    fine_tune: FineTuneConfig | None = None
+    rate: float = option(0.9, low=0, high=1, help="share of every kernel's weights set to zero")
+    fine_tune: FineTuneConfig = _fine_tune_option(0)
 
     def __post_init__(self):
-        if isinstance(self.rate, bool) or not isinstance(self.rate, int | float):
-            raise UserError(f"pruning rate must be a number, got {self.rate!r}")
-        if not 0.0 <= self.rate <= 1.0:
-            raise UserError(f"pruning rate must be in [0, 1], got {self.rate!r}")
-        if isinstance(self.fine_tune, dict):
-            object.__setattr__(self, "fine_tune", FineTuneConfig(**self.fine_tune))
+        validate(self)
 
 
 class MagnitudePruning(RemovalAttack):
-    """Han et al.'s magnitude pruning, optionally followed by masked fine-tuning."""
+    """Han et al.'s magnitude pruning, optionally followed by masked fine-tuning.
+
+    ``info["curves"]``: each hook right after pruning, then after every
+    fine-tuning epoch.
+    """
 
     name = "magnitude_pruning"
     Config = PruningConfig
+    presets = {
+        "smoke": {"rate": 0.9, "fine_tune.epochs": 1},
+        # Zhang et al.'s 90% with fine-tuning, as the laundering reproduction runs it
+        "quick": {"rate": 0.9, "fine_tune.epochs": 5},
+        "paper": {"rate": 0.9, "fine_tune.epochs": 10},
+    }
+    requires = Requirements(min_examples=1)
+    zero_strength = {"rate": 0.0, "fine_tune.epochs": 0}
 
-    def remove(
-        self,
-        model: keras.Model,
-        data=None,
-        *,
-        callbacks: Sequence[keras.callbacks.Callback] = (),
-        cache: bool = False,
-    ) -> keras.Model:
-        """Prune a copy of ``model``; fine-tune it on ``data`` if the config says so."""
-        pruned, masks = magnitude_prune(model, self.config.rate)
-        if self.config.fine_tune is not None and data is None:
-            raise UserError("pruning with fine-tuning needs the adversary's data")
-        return _fine_tune(
-            pruned,
-            data,
-            self.config.fine_tune,
-            masks,
-            f"magnitude_pruning/{self.config.rate}",
-            callbacks,
-            cache,
+    def _remove(self, model, data, *, hooks):
+        config = self.config
+        pruned, masks = magnitude_prune(model, config.rate)
+        removal = _masked_fine_tune(
+            pruned, data, config.fine_tune, masks, f"magnitude_pruning/{config.rate}", hooks
         )
+        zeroed = sum(int(mask.size - np.count_nonzero(mask)) for mask in masks.values())
+        removal.info.update(
+            rate=config.rate,
+            pruned_weights=zeroed,
+            prunable_weights=sum(int(mask.size) for mask in masks.values()),
+            layers=sorted(masks),
+        )
+        return removal
+
+
+# --------------------------------------------------------------------------- fine-pruning
 
 
 @dataclass(frozen=True)
@@ -201,18 +241,15 @@ class FinePruningConfig:
         fine_tune: the fine-tuning that follows (pruned channels stay zero).
     """
 
-    layer: str = ""
-    max_accuracy_drop: float = 0.04
-    max_rate: float = 0.9
-    fine_tune: FineTuneConfig | None = FineTuneConfig(variant="ftal", epochs=10)
+    layer: str = option("", help="the Conv2D layer to prune (empty: the last one)")
+    max_accuracy_drop: float = option(
+        0.04, low=0, high=1, help="largest clean-accuracy drop pruning may cause"
+    )
+    max_rate: float = option(0.9, low=0, high=1, help="largest share of channels pruned")
+    fine_tune: FineTuneConfig = _fine_tune_option(10)
 
     def __post_init__(self):
-        if not 0.0 <= self.max_accuracy_drop <= 1.0:
-            raise UserError(f"max_accuracy_drop must be in [0, 1], got {self.max_accuracy_drop!r}")
-        if not 0.0 < self.max_rate <= 1.0:
-            raise UserError(f"max_rate must be in (0, 1], got {self.max_rate!r}")
-        if isinstance(self.fine_tune, dict):
-            object.__setattr__(self, "fine_tune", FineTuneConfig(**self.fine_tune))
+        validate(self)
 
 
 def last_conv_layer(model: keras.Model, name: str = "") -> keras.layers.Layer:
@@ -239,13 +276,24 @@ def channel_activations(model: keras.Model, layer: keras.layers.Layer, x: np.nda
 
 
 class FinePruning(RemovalAttack):
-    """Liu et al.'s fine-pruning: prune dormant channels of the last conv layer, then fine-tune."""
+    """Liu et al.'s fine-pruning: prune dormant channels of the last conv layer, then fine-tune.
+
+    ``info["curves"]``: each hook right after pruning, then after every
+    fine-tuning epoch.
+    """
 
     name = "fine_pruning"
     Config = FinePruningConfig
+    presets = {
+        "smoke": {"fine_tune.epochs": 1},
+        "quick": {"fine_tune.epochs": 10},  # as the laundering reproduction runs it
+        "paper": {"fine_tune.epochs": 10},
+    }
+    requires = Requirements(layers=("Conv2D",), min_examples=1)
+    zero_strength = {"max_rate": 0.0, "fine_tune.epochs": 0}
 
-    def prune(self, model: keras.Model, data) -> tuple[keras.Model, dict[str, np.ndarray], int]:
-        """Prune a copy of ``model``; returns it, its masks and the number of channels pruned."""
+    def prune(self, model: keras.Model, data) -> tuple[keras.Model, dict[str, np.ndarray], dict]:
+        """Prune a copy of ``model``; returns it, its masks and what was pruned."""
         config = self.config
         copy = clone(model)
         layer = last_conv_layer(copy, config.layer)
@@ -255,35 +303,40 @@ class FinePruning(RemovalAttack):
         kernel = keras.ops.convert_to_numpy(layer.kernel)
         bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
         channel_mask = np.ones(kernel.shape[-1], dtype=np.float32)
-        pruned = 0
+        pruned: list[int] = []
+        accuracy = baseline
         for channel in order[: int(config.max_rate * len(order))]:
             trial = channel_mask.copy()
             trial[channel] = 0.0
             layer.kernel.assign(kernel * trial)
             if bias is not None:
                 layer.bias.assign(bias * trial)
-            if baseline - classifier.accuracy(copy, x, y) > config.max_accuracy_drop:
+            trial_accuracy = classifier.accuracy(copy, x, y)
+            if baseline - trial_accuracy > config.max_accuracy_drop:
                 break
-            channel_mask, pruned = trial, pruned + 1
+            channel_mask, accuracy = trial, trial_accuracy
+            pruned.append(int(channel))
         layer.kernel.assign(kernel * channel_mask)
         if bias is not None:
             layer.bias.assign(bias * channel_mask)
-        log.info("fine-pruning: %d of %d channels of %s pruned", pruned, len(order), layer.name)
+        log.info(
+            "fine-pruning: %d of %d channels of %s pruned", len(pruned), len(order), layer.name
+        )
         masks = {layer.path: np.broadcast_to(channel_mask, kernel.shape).astype(np.float32)}
         if bias is not None:
             masks[f"{layer.path}/bias"] = channel_mask
-        return copy, masks, pruned
+        facts = {
+            "layer": layer.name,
+            "channels": len(order),
+            "pruned_channels": pruned,
+            "adversary_accuracy_before": baseline,
+            "adversary_accuracy_pruned": accuracy,
+        }
+        return copy, masks, facts
 
-    def remove(
-        self,
-        model: keras.Model,
-        data,
-        *,
-        callbacks: Sequence[keras.callbacks.Callback] = (),
-        cache: bool = False,
-    ) -> keras.Model:
-        """Fine-prune a copy of ``model`` using the adversary's ``data``."""
-        copy, masks, pruned = self.prune(model, data)
-        return _fine_tune(
-            copy, data, self.config.fine_tune, masks, f"fine_pruning/{pruned}", callbacks, cache
-        )
+    def _remove(self, model, data, *, hooks):
+        copy, masks, facts = self.prune(model, data)
+        tag = f"fine_pruning/{len(facts['pruned_channels'])}"
+        removal = _masked_fine_tune(copy, data, self.config.fine_tune, masks, tag, hooks)
+        removal.info.update(facts)
+        return removal

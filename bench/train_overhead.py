@@ -92,6 +92,9 @@ def main() -> int:
     print(f"bare model.fit : {fit_s:7.2f} s  ({', '.join(f'{t:.2f}' for t in fit_times)})")
     print(f"models.train   : {train_s:7.2f} s  ({', '.join(f'{t:.2f}' for t in train_times)})")
     print(f"ratio train/fit: {ratio:.3f} (limit {LIMIT:.2f}: {'ok' if ratio <= LIMIT else 'OVER'})")
+    # state that accumulates across trainings in one process shows as a growing ratio
+    first, last = train_times[0] / fit_times[0], train_times[-1] / fit_times[-1]
+    print(f"first repeat   : {first:.3f}   last repeat: {last:.3f} (a growing ratio means leftovers)")
     return 0
 
 

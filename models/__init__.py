@@ -38,6 +38,9 @@ def _import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
+# TensorFlow's C++ runtime logs (E0000 ... lines) are never the suite's message to its
+# users; TF_CPP_MIN_LOG_LEVEL=0 in the environment shows them again.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 _import_tensorflow_quietly()
 
 from models.art import to_art  # noqa: E402

@@ -32,6 +32,7 @@ import importlib
 import logging
 import sys
 import typing
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,16 +102,19 @@ class UnitParser(OneLineParser):
             self._configured = True
             probe = argparse.ArgumentParser(add_help=False)
             probe.add_argument(f"--{self.unit_option}")
-            name = getattr(probe.parse_known_args(args)[0], self.unit_option)
+            probe.add_argument("--preset", default="quick")
+            known = probe.parse_known_args(args)[0]
+            name = getattr(known, self.unit_option)
             if name is not None:
                 try:
                     cls = self.unit_registry.get(name)
+                    defaults = cls.preset_config(known.preset)
                 except UserError as exc:
                     self.error(str(exc))
                 group = self.add_argument_group(
-                    f"options of {name} (defaults: the preset's; see the config's docstring)"
+                    f"options of {name} (defaults: its '{known.preset}' preset)"
                 )
-                add_config_arguments(group, cls.Config)
+                add_config_arguments(group, cls.Config, defaults=defaults)
         return super().parse_known_args(args, namespace)
 
 
@@ -146,9 +150,7 @@ def unit_command(
         unit_registry=registry,
         unit_option=option,
     )
-    parser.add_argument(
-        f"--{option}", required=True, help=f"one of: {', '.join(registry.names())}"
-    )
+    parser.add_argument(f"--{option}", required=True, help=f"one of: {', '.join(registry.names())}")
     parser.add_argument(
         "--preset", default="quick", choices=PRESETS, help="the unit's preset, before any flag"
     )
@@ -196,11 +198,12 @@ def _scalar(tp: Any):
     return convert
 
 
-def add_config_arguments(parser, config_cls: type, prefix: str = "") -> None:
+def add_config_arguments(parser, config_cls: type, prefix: str = "", defaults=None) -> None:
     """Add a flag per field of ``config_cls`` (nested configs as ``--outer.inner``).
 
     Flags default to ``argparse.SUPPRESS``: only the options given on the
-    line override the preset (:func:`config_overrides` collects them).
+    line override the preset (:func:`config_overrides` collects them). A
+    field whose flag the command already has (``--seed``) is set by that flag.
     """
     from models.config import _optional, field_help
 
@@ -208,22 +211,29 @@ def add_config_arguments(parser, config_cls: type, prefix: str = "") -> None:
         if not f.metadata.get("cli", True):
             continue
         inner, _ = _optional(tp)
-        flag = f"--{prefix}{f.name}"
+        flag = f"--{prefix}{f.name}".replace("_", "-")
+        alias = f"--{prefix}{f.name}"  # the field's own spelling is accepted too
+        flags = [flag] if alias == flag else [flag, alias]
+        if any(f_ in parser._option_string_actions for f_ in flags):
+            continue  # the command's own flag sets it
+        current = getattr(defaults, f.name) if defaults is not None else f.default
         if dataclasses.is_dataclass(inner):
-            add_config_arguments(parser, inner, prefix=f"{prefix}{f.name}.")
+            nested = current if dataclasses.is_dataclass(current) else None
+            add_config_arguments(parser, inner, prefix=f"{prefix}{f.name}.", defaults=nested)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else "(computed)"
+        default = current if current is not dataclasses.MISSING else "(computed)"
         help_text = f"{field_help(f)} (default: {default!r})".strip()
         common = {"dest": f"{prefix}{f.name}", "default": argparse.SUPPRESS, "help": help_text}
         if inner is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(inner) is tuple:
             item = typing.get_args(inner)[0]
-            parser.add_argument(flag, type=_list_of(item), metavar="A,B", **common)
+            parser.add_argument(*flags, type=_list_of(item), metavar="A,B", **common)
         else:
             choices = f.metadata.get("choices")
+            metavar = getattr(inner, "__name__", "VALUE").upper()
             parser.add_argument(
-                flag, type=_scalar(inner), choices=choices, metavar=inner.__name__.upper(), **common
+                *flags, type=_scalar(inner), choices=choices, metavar=metavar, **common
             )
 
 
@@ -315,6 +325,53 @@ def print_verification(result) -> None:
     print(f"verdict:        {result.label}: {result.verdict}")
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is now (tests swap it per test)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(verbose: bool, fmt: str = "%(name)s: %(message)s") -> None:
+    """Log lines on stderr only with ``-v``: without it, nothing but a user error's one line.
+
+    One handler per process, on the root logger, whose level decides (records
+    propagated from TensorFlow's own logger included); ``-v`` shows INFO and up.
+    """
+    level = logging.INFO if verbose else logging.CRITICAL + 1
+    root = logging.getLogger()
+    root.setLevel(min(root.level or logging.WARNING, logging.INFO) if verbose else logging.WARNING)
+    handler = next((h for h in root.handlers if isinstance(h, _Stderr)), None)
+    if handler is None:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+    handler.setLevel(level)
+    for other in root.handlers:  # e.g. a basicConfig of an embedding program
+        if not isinstance(other, _Stderr) and not verbose and _writes_stderr(other):
+            other.setLevel(logging.CRITICAL + 1)
+    # TensorFlow's logger has a handler of its own, bound to the stderr of its import (and it
+    # propagates too): its records go through the root handler above, like everyone's.
+    tf_logger = logging.getLogger("tensorflow")
+    for other in list(tf_logger.handlers):
+        if isinstance(other, logging.StreamHandler):
+            tf_logger.removeHandler(other)
+    if not verbose:  # warnings (ART's "PyTorch not found") are not the one line either
+        warnings.simplefilter("ignore")
+
+
+def _writes_stderr(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (
+        sys.stderr,
+        sys.__stderr__,
+    )
+
+
 def quiet_keras() -> None:
     """Route Keras' progress lines to logging (stderr with ``-v``), never to stdout."""
     import keras
@@ -327,11 +384,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     from models.training import deterministic
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-        format="%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(getattr(args, "verbose", False))
     quiet_keras()
     deterministic()
     try:

@@ -213,10 +213,15 @@ def replace(config: Any, **changes: Any):
             nested.setdefault(head, {})[rest] = value
         else:
             flat[name] = value
+    types = dict(fields(config))
     for head, inner in nested.items():
-        if not hasattr(config, head) or not dataclasses.is_dataclass(getattr(config, head)):
+        current = getattr(config, head, None)
+        if current is None and head in {f.name for f in types}:  # unset: start from defaults
+            kind, _ = _optional(types[next(f for f in types if f.name == head)])
+            current = kind() if dataclasses.is_dataclass(kind) else None
+        if not dataclasses.is_dataclass(current):
             raise UserError(f"{type(config).__name__} has no nested config {head!r}")
-        flat[head] = replace(getattr(config, head), **inner)
+        flat[head] = replace(current, **inner)
     known = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(flat) - known)
     if unknown:

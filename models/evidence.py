@@ -47,6 +47,7 @@ __all__ = [
 #: robust: a watermark meant to survive removal; fragile: one meant to break at any
 #: change; fingerprint: evidence extracted from the model, never embedded.
 KINDS = ("robust", "fragile", "fingerprint")
+_TINY = float(np.finfo(float).tiny)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ def null_p_value(statistic: float, null) -> tuple[float, str]:
     if std == 0.0 or not math.isfinite(std):
         return empirical_p_value(statistic, values), f"empirical over {values.size} null values"
     p = float(stats.norm.sf(statistic, loc=float(values.mean()), scale=std))
-    return p, f"normal fit to {values.size} null values"
+    # far in the fitted tail the float underflows; the p-value is tiny, never exactly 0
+    return max(p, _TINY), f"normal fit to {values.size} null values"
 
 
 def binomial_p_value(hits: int, n: int, p0: float) -> float:

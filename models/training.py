@@ -300,7 +300,10 @@ def _callbacks(
     monitor = "val_loss" if validated else "loss"
     # BackupAndRestore first: an epoch's checkpoint is on disk before anything else sees its end.
     callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True)
+        # kept after the run (train removes it once the cache entry, snapshots included, is written)
+        keras.callbacks.BackupAndRestore(
+            str(backup_dir), double_checkpoint=True, delete_checkpoint=False
+        )
     ]
     if config.lr_schedule == "step":
         callbacks.append(keras.callbacks.LearningRateScheduler(_step_schedule(config)))

@@ -17,17 +17,30 @@ Papers:
   while training from scratch (FS) or while fine-tuning a pre-trained model
   (PT). (:class:`AdiAbstract`)
 
-Verification follows Aiken et al. ("Neural Network Laundering", Computers &
-Security 2021, section 7.1): the threshold is the highest watermark accuracy
-a clean (vanilla) model of the same architecture reaches over the epochs of
-its training (:func:`null_accuracies` records that curve, Fig. 5;
-:func:`calibrate` stores it in the key). A model is ``detected`` when its
-watermark accuracy is strictly above the threshold. The p-value is the
-robustness SoK's (Lukas et al. 2022): a normal distribution fitted to the
-null sample, read at the model's accuracy (significant at 0.05); it is
-reported beside the verdict, not used for it. A key that was never
-calibrated cannot be verified: :meth:`verify` raises a ``UserError`` that
-says how to calibrate, rather than inventing a threshold.
+Every scheme is a :class:`watermarks.base.Watermark`:
+``scheme.embed(model, data) -> Marked(model, key)``, and the key comes back
+calibrated. Calibration follows Aiken et al. ("Neural Network Laundering",
+Computers & Security 2021, section 7.1): the threshold is the highest
+watermark accuracy a clean (vanilla) twin of the same architecture reaches
+over the epochs of its training (Fig. 5). The twin is trained once per
+(architecture, data, recipe, seed) by :func:`vanilla`, which keeps the
+weights of every epoch, so one cached training gives the per-epoch curve of
+any number of keys (``TrainResult.replay``); a reproduction that needs the
+vanilla model itself calls :func:`vanilla` with the same recipe and gets the
+very same training from the cache. The recipe is the config's ``null_train``
+(None: the marking recipe ``train``); the twin always starts from a fresh
+initialisation (for Adi PT and Zhang with ``from_scratch=False`` too: their
+clean counterpart is the pre-trained model's own training, which
+``null_train`` names). The curve is kept in ``key.arrays["null_accuracies"]``
+and its maximum in ``key.metadata["threshold"]``.
+
+A model is *present* when its watermark accuracy (refused queries never
+match, :func:`models.evidence.answers`) is strictly above the threshold.
+The p-value is the robustness SoK's (Lukas et al. 2022): a normal
+distribution fitted to the null curve, read at the model's accuracy, or the
+exact empirical p-value where the curve has no spread
+(:func:`models.evidence.null_p_value`, never 0); it is reported beside the
+verdict (significant at :data:`SIGNIFICANCE`), not used for it.
 
 Deliberate deviations and choices:
 
@@ -57,12 +70,15 @@ Deliberate deviations and choices:
   ``unrelated_source`` overrides the table. Training copies come from the
   source's training split, key images from its test split. Grey images are
   repeated over three channels for RGB models.
+* Trigger images are made in [0, 1] and brought to the model's input range
+  and centring by ``Dataset.from_unit`` (stamped images are taken out of it
+  with ``Dataset.to_unit`` first).
 * Embedding trains with :func:`models.train` (cached), on an ``(x, y)``
   pair. The validation images (``validation_split`` of the recipe) are
   exactly the clean images a vanilla model of that recipe holds out: the
   watermark copies are all trained on and early stopping watches clean data.
   Zhang et al. and Adi FS retrain the given architecture from scratch
-  (``keras.models.clone_model`` re-initialises it from the config's seed);
+  (``keras.models.clone_model`` re-initialises it from the recipe's seed);
   Zhang with ``from_scratch=False`` and Adi PT start from the given weights.
 * Adi et al.'s 100 original abstract images cannot be downloaded here. They
   are drawn procedurally from the seed (:func:`abstract_images`: a smooth
@@ -76,6 +92,13 @@ Deliberate deviations and choices:
   training draws the same), to every batch that ``models.train`` feeds;
   their original code cycles through the trigger set in fixed batches of 2
   instead of drawing.
+
+Presets (``Scheme.from_preset(name)``): ``smoke`` embeds in seconds on
+scikit-learn's 8x8 digits with a tiny CNN; ``quick`` is the laundering
+reproduction's quick setting (Fashion-MNIST, the Table 5 network, the CAE
+recipe for at most 15 epochs; Adi FS with ``k=8`` for 6 epochs); ``paper``
+is the papers' (Zhang: 1000 copies and the MNIST recipe of the laundering
+paper's reproduction, 50 CAE epochs; Adi: 100 images, 2 per batch of 100).
 """
 
 from __future__ import annotations
@@ -84,21 +107,23 @@ import dataclasses
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from models import classifier
-from models.config import build_config
-from models.errors import UnknownNameError, UserError
-from models.evidence import null_p_value
-from models.training import TrainConfig, seed_everything
-from watermarks.base import Key, Verification, Watermark
+from models.config import as_dict, option, validate
+from models.datasets import names as dataset_names
+from models.errors import UserError
+from models.evidence import answers, null_p_value
+from models.io import array_digest
+from models.training import TrainConfig, TrainResult, seed_everything, train
+from watermarks.base import Key, Marked, Verification, Watermark
 
 __all__ = [
     "SIGNIFICANCE",
@@ -113,11 +138,8 @@ __all__ = [
     "ZhangUnrelated",
     "ZhangUnrelatedConfig",
     "abstract_images",
-    "add_command",
-    "calibrate",
-    "null_accuracies",
     "text_mask",
-    "watermark_accuracy",
+    "vanilla",
 ]
 
 log = logging.getLogger(__name__)
@@ -136,7 +158,9 @@ UNRELATED_SOURCES = {
     "imagenet32": "mnist",
 }
 
-SCHEMES = ("zhang_content", "zhang_noise", "zhang_unrelated", "adi")
+#: The cache tag of the clean twin's training: the same for every key and scheme, so one
+#: training (per architecture, data, recipe and seed) calibrates them all.
+VANILLA_TAG = "backdoor-vanilla/v1"
 
 # "TEST" in a 3x5 pixel font, one blank column between letters: 5 rows, 15 columns.
 _FONT = {
@@ -153,26 +177,15 @@ def _word_bitmap(word: str = "TEST") -> np.ndarray:
 
 # --------------------------------------------------------------------------- configs
 
-
-def _check_int(name: str, value: object, low: int, high: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
-        bound = f"[{low}, {high})" if high != math.inf else f">= {low}"
-        raise UserError(f"{name} must be an integer {bound}, got {value!r}")
+_SEED_MAX = 2**31 - 1
 
 
-def _check_number(name: str, value: object, low: float, high: float) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and low < value <= high
-    if not ok:
-        raise UserError(f"{name} must be a number in ({low}, {high}], got {value!r}")
-
-
-def _coerce_train(config) -> None:
-    """Accept the recipe as a TrainConfig or, as read back from a key's JSON, a dict."""
-    train = config.train
-    if isinstance(train, dict):
-        object.__setattr__(config, "train", build_config(TrainConfig, train))
-    elif not isinstance(train, TrainConfig):
-        raise UserError(f"train must be a TrainConfig or a dict of its fields, got {train!r}")
+def _check_recipes(config) -> None:
+    """A watermark is embedded by training, and the threshold needs a curve of epochs."""
+    if config.train.epochs < 1:
+        raise UserError("train.epochs must be at least 1: the watermark is embedded by training")
+    if config.null_train is not None and config.null_train.epochs < 1:
+        raise UserError("null_train.epochs must be at least 1: the threshold needs its epochs")
 
 
 @dataclass(frozen=True)
@@ -187,24 +200,24 @@ class _ZhangConfig:
         from_scratch: train the model's architecture from a fresh
             initialisation (Zhang et al. embed during training); False fine-tunes
             the given weights on the same data.
-        train: the training recipe.
+        train: the marking recipe.
+        null_train: the recipe of the clean twin that sets the threshold;
+            None is ``train``.
     """
 
-    target: int = 0
-    n: int = 1000
-    n_key: int = 1000
-    seed: int = 0
-    from_scratch: bool = True
-    train: TrainConfig = field(default_factory=TrainConfig)
+    target: int = option(0, low=0, help="the class every watermark image is labelled with")
+    n: int = option(1000, low=1, help="watermark images added to the training set")
+    n_key: int = option(1000, low=1, help="at most this many verification images in the key")
+    seed: int = option(0, low=0, high=_SEED_MAX, help="draws the images, the noise and the key")
+    from_scratch: bool = option(True, help="retrain the architecture (False: fine-tune weights)")
+    train: TrainConfig = option(factory=TrainConfig, help="the marking recipe")
+    null_train: TrainConfig | None = option(
+        None, help="the clean twin's recipe for the threshold (None: train)"
+    )
 
     def __post_init__(self):
-        _check_int("target", self.target, 0)
-        _check_int("n", self.n, 1)
-        _check_int("n_key", self.n_key, 1)
-        _check_int("seed", self.seed, 0, 2**31)
-        if not isinstance(self.from_scratch, bool):
-            raise UserError(f"from_scratch must be True or False, got {self.from_scratch!r}")
-        _coerce_train(self)
+        validate(self)
+        _check_recipes(self)
 
 
 @dataclass(frozen=True)
@@ -216,16 +229,16 @@ class _StampedConfig(_ZhangConfig):
             every class but the target.
     """
 
-    source_classes: tuple[int, ...] | None = None
+    source_classes: tuple[int, ...] | None = option(
+        None, low=0, help="classes whose images carry the trigger (None: all but the target)"
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        if self.source_classes is not None:
-            classes = self.source_classes
-            if not isinstance(classes, list | tuple) or not classes:
-                raise UserError(f"source_classes must be a non-empty list, got {classes!r}")
-            for c in classes:
-                _check_int("a source class", c, 0)
+        classes = self.source_classes
+        if classes is not None:
+            if not classes:
+                raise UserError("source_classes must name at least one class, got none")
             if self.target in classes:
                 raise UserError(f"source_classes {list(classes)} include the target {self.target}")
             object.__setattr__(self, "source_classes", tuple(sorted(set(classes))))
@@ -243,19 +256,13 @@ class ZhangContentConfig(_StampedConfig):
             white on black), keeping the word visible on bright images.
     """
 
-    content_width: float = 0.55
-    content_value: float = 1.0
-    content_background: float | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_number("content_width", self.content_width, 0.0, 1.0)
-        for name in ("content_value", "content_background"):
-            value = getattr(self, name)
-            if value is None and name == "content_background":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-                raise UserError(f"{name} must be a pixel value in [0, 1], got {value!r}")
+    content_width: float = option(
+        0.55, low=0.0, low_open=True, high=1.0, help="word width / image width"
+    )
+    content_value: float = option(1.0, low=0.0, high=1.0, help="pixel value of the word")
+    content_background: float | None = option(
+        None, low=0.0, high=1.0, help="pixel value of a box under the word (None: no box)"
+    )
 
 
 @dataclass(frozen=True)
@@ -266,11 +273,9 @@ class ZhangNoiseConfig(_StampedConfig):
         noise_std: standard deviation of the fixed Gaussian pattern (pixels in [0, 1]).
     """
 
-    noise_std: float = 0.3
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_number("noise_std", self.noise_std, 0.0, 10.0)
+    noise_std: float = option(
+        0.3, low=0.0, low_open=True, high=10.0, help="std of the fixed Gaussian pattern"
+    )
 
 
 @dataclass(frozen=True)
@@ -285,22 +290,13 @@ class ZhangUnrelatedConfig(_ZhangConfig):
             standard place (see :func:`models.load`).
     """
 
-    unrelated_source: str | None = None
-    unrelated_class: int | None = None
-    unrelated_data_dir: str | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        from models.datasets import names as dataset_names
-
-        if self.unrelated_source is not None and self.unrelated_source not in dataset_names():
-            raise UnknownNameError("dataset", self.unrelated_source, dataset_names())
-        if self.unrelated_class is not None:
-            _check_int("unrelated_class", self.unrelated_class, 0)
-        if self.unrelated_data_dir is not None and not isinstance(self.unrelated_data_dir, str):
-            raise UserError(
-                f"unrelated_data_dir must be a path string, got {self.unrelated_data_dir!r}"
-            )
+    unrelated_source: str | None = option(
+        None, choices=dataset_names(), help="the other dataset (None: by the training data)"
+    )
+    unrelated_class: int | None = option(
+        None, low=0, help="only this class of the source (None: all)"
+    )
+    unrelated_data_dir: str | None = option(None, help="folder holding the source dataset")
 
 
 @dataclass(frozen=True)
@@ -316,42 +312,31 @@ class AdiConfig:
         image_dir: a folder of PNG/JPEG images to use instead of procedural
             ones (the first ``n`` in name order).
         train: the training recipe (for PT: the fine-tuning recipe).
+        null_train: the recipe of the clean twin (the architecture trained
+            from scratch) that sets the threshold; None is ``train``. For PT,
+            give the recipe the pre-trained model was trained with.
     """
-
-    mode: str = "fs"
-    n: int = 100
-    k: int = 2
-    seed: int = 0
-    image_dir: str | None = None
-    train: TrainConfig = field(default_factory=TrainConfig)
 
     MODES: ClassVar[tuple[str, ...]] = ("fs", "pt")
 
+    mode: str = option("fs", choices=MODES, help="fs: from scratch; pt: fine-tune the weights")
+    n: int = option(100, low=1, help="trigger images")
+    k: int = option(2, low=1, help="trigger images appended to every batch")
+    seed: int = option(0, low=0, high=_SEED_MAX, help="draws the images, labels and picks")
+    image_dir: str | None = option(None, help="folder of PNG/JPEG trigger images to use")
+    train: TrainConfig = option(factory=TrainConfig, help="the marking (PT: fine-tuning) recipe")
+    null_train: TrainConfig | None = option(
+        None, help="the clean twin's recipe for the threshold (None: train)"
+    )
+
     def __post_init__(self):
-        if self.mode not in self.MODES:
-            raise UserError(f"unknown mode {self.mode!r}; expected one of: {', '.join(self.MODES)}")
-        _check_int("n", self.n, 1)
-        _check_int("k", self.k, 1)
+        validate(self)
         if self.k > self.n:
             raise UserError(f"k={self.k} trigger images per batch exceeds the n={self.n} there are")
-        _check_int("seed", self.seed, 0, 2**31)
-        if self.image_dir is not None and not isinstance(self.image_dir, str):
-            raise UserError(f"image_dir must be a path string, got {self.image_dir!r}")
-        _coerce_train(self)
+        _check_recipes(self)
 
 
 # --------------------------------------------------------------------------- image helpers
-
-
-def _raw(data, x: np.ndarray) -> np.ndarray:
-    """Images of ``data`` back in [0, 1] (undoing the dataset's centring, if any)."""
-    return x + data.mean if data.mean is not None else np.array(x, dtype=np.float32)
-
-
-def _prepared(data, x: np.ndarray) -> np.ndarray:
-    """Images in [0, 1] prepared the way ``data``'s are (centred if it is)."""
-    x = np.asarray(x, dtype=np.float32)
-    return (x - data.mean).astype(np.float32) if data.mean is not None else x
 
 
 def _fit_images(x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -460,16 +445,11 @@ def _read_image_dir(folder: str, n: int, input_shape: Sequence[int]) -> np.ndarr
     return _fit_images(np.stack([np.asarray(i) for i in images]), (h, w, c))
 
 
-def _digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()[:16]
+# --------------------------------------------------------------------------- training
 
 
 def _model_digest(model: keras.Model) -> str:
+    """A hash of the architecture alone (its JSON config), for Adi's cache tag."""
     try:
         text = model.to_json()
     except (NotImplementedError, TypeError, ValueError):
@@ -484,24 +464,6 @@ def _starting_model(model: keras.Model, from_scratch: bool, seed: int) -> keras.
     if not from_scratch:
         copy.set_weights(model.get_weights())
     return copy
-
-
-def _check_dataset(data, scheme: str) -> None:
-    if not (hasattr(data, "x_train") and hasattr(data, "x_test") and hasattr(data, "num_classes")):
-        raise UserError(f"{scheme} embeds with a models.Dataset (training and test split)")
-
-
-def _check_model_fits(model: keras.Model, data) -> None:
-    if tuple(model.input_shape[1:]) != tuple(data.input_shape):
-        raise UserError(
-            f"the model expects inputs of shape {tuple(model.input_shape[1:])} but dataset "
-            f"'{data.name}' has {tuple(data.input_shape)}"
-        )
-    if model.output_shape[-1] != data.num_classes:
-        raise UserError(
-            f"the model has {model.output_shape[-1]} outputs but dataset '{data.name}' "
-            f"has {data.num_classes} classes"
-        )
 
 
 def _clean_then_watermark(data, x_wm, y_wm, recipe: TrainConfig):
@@ -522,201 +484,144 @@ def _clean_then_watermark(data, x_wm, y_wm, recipe: TrainConfig):
     return (xs, ys), dataclasses.replace(recipe, validation_split=split)
 
 
-# --------------------------------------------------------------------------- verification
+def vanilla(model: keras.Model, data, recipe: TrainConfig) -> TrainResult:
+    """The clean twin of ``model``: its architecture trained from scratch on ``data``, no watermark.
 
-
-def watermark_accuracy(model: keras.Model, key: Key, batch_size: int = 256) -> float:
-    """The share of the key's inputs that ``model`` labels with their key label."""
-    key.check_fits(model)
-    return classifier.accuracy(model, key.inputs, key.labels, batch_size)
-
-
-def calibrate(key: Key, null_accuracies: np.ndarray) -> Key:
-    """A copy of ``key`` whose threshold is the highest watermark accuracy of clean models.
-
-    Aiken et al. (section 7.1): no ownership can be claimed below the highest
-    accuracy a legitimately trained model reaches on the watermark set at
-    some epoch. The whole sample is kept (``key.arrays['null_accuracies']``)
-    for the normal-fit p-value.
+    The architecture is re-initialised from ``recipe.seed`` and trained with
+    :func:`models.train` under one fixed cache tag, keeping the weights of
+    every epoch; so the twin is trained once per (architecture, data,
+    recipe, seed), whatever keys are scored on it later
+    (``result.replay(fn)`` gives ``fn`` at every epoch). Every backdoor
+    scheme calibrates its key on this training, and a reproduction that
+    wants the vanilla model gets the same one from the cache.
 
     Args:
-        key: a key of a backdoor scheme.
-        null_accuracies: watermark accuracies of clean models (per epoch of
-            one training, per model, or both; any shape).
+        model: any model of the architecture (its weights are not used; it is
+            left untouched).
+        data: the clean training data, a :class:`models.Dataset`.
+        recipe: the training recipe (``recipe.seed`` seeds the initialisation too).
 
     Returns:
-        The calibrated key.
+        The :class:`models.training.TrainResult`; ``result.model`` is the
+        trained twin, at its final (or, with early stopping, best) weights.
     """
-    null = np.asarray(null_accuracies, dtype=np.float64).reshape(-1)
-    if null.size == 0 or not np.all(np.isfinite(null)) or null.min() < 0 or null.max() > 1:
-        raise UserError("null accuracies must be a non-empty sample of numbers in [0, 1]")
+    fresh = _starting_model(model, True, recipe.seed)
+    result = train(fresh, data, recipe, cache_tag=VANILLA_TAG, snapshots=True, verbose=0)
+    if not result.snapshots:
+        raise RuntimeError(f"the clean twin's training {result.key} kept no per-epoch weights")
+    return result
+
+
+def _calibrated(key: Key, null: Sequence[float]) -> Key:
+    """``key`` with the clean twin's per-epoch accuracies and their maximum as the threshold."""
+    null = np.asarray(null, dtype=np.float64).reshape(-1)
+    if null.size == 0 or not np.all(np.isfinite(null)):
+        raise RuntimeError("the clean twin's training left no per-epoch accuracies")
     metadata = dict(key.metadata, threshold=float(null.max()), null_size=int(null.size))
-    return Key(
-        key.scheme,
-        key.inputs,
-        key.labels,
-        metadata=metadata,
-        arrays=dict(key.arrays, null_accuracies=null),
-    )
+    arrays = dict(key.arrays, null_accuracies=null)
+    return Key(key.scheme, key.inputs, key.labels, metadata=metadata, arrays=arrays)
 
 
-def null_accuracies(
-    model: keras.Model | Callable[[], keras.Model],
-    data,
-    key: Key | Sequence[Key],
-    train_config: TrainConfig,
-    *,
-    cache: bool = True,
-    verbose: int | None = None,
-) -> np.ndarray:
-    """Train a clean model and record its watermark accuracy after every epoch (Fig. 5).
-
-    The training is :func:`models.train` (cached, resumable); an
-    :class:`models.training.Hook` per key scores the model on the key's
-    inputs after every epoch, and the values live in the training's history,
-    so a rerun neither trains nor scores again.
-
-    Args:
-        model: a fresh model of the watermarked model's architecture, which is
-            trained in place (as :func:`models.train` does, so the caller keeps
-            the vanilla model), or a function that builds one (called after
-            seeding with ``train_config.seed``).
-        data: the clean training data: a :class:`models.Dataset` or an
-            ``(x, y)`` pair. No watermark images.
-        key: the key whose inputs are scored, or several keys (one training
-            scores them all).
-        train_config: the recipe (the watermarked model's, for a fair threshold).
-        cache: reuse a finished training and its curves.
-        verbose: Keras progress (default as :func:`models.train`).
-
-    Returns:
-        One accuracy per epoch run (early stopping may end it early); for a
-        sequence of keys, an array of shape ``(len(keys), epochs)``.
-    """
-    from models.training import Hook, train
-
-    keys = [key] if isinstance(key, Key) else list(key)
-    if not keys:
-        raise UserError("null_accuracies needs at least one key")
-    if not isinstance(model, keras.Model):
-        seed_everything(train_config.seed)
-        model = model()
-    for k in keys:
-        k.check_fits(model)
-    names = [f"watermark_accuracy_{i}" for i in range(len(keys))]
-    metrics = [
-        Hook(name, lambda m, k=k: classifier.accuracy(m, k.inputs, k.labels))
-        for name, k in zip(names, keys, strict=True)
-    ]
-    tag = "null-accuracies/v2:" + ",".join(_digest(k.inputs, k.labels) for k in keys)
-    pair = data if hasattr(data, "digest") else tuple(data)
-    result = train(
-        model, pair, train_config, cache=cache, cache_tag=tag, callbacks=metrics, verbose=verbose
-    )
-    lost = [name for name in names if len(result.history.get(name, ())) != result.epochs_run]
-    if lost:
-        raise RuntimeError(f"training {result.key} did not record {', '.join(lost)} every epoch")
-    curves = np.array([result.history[name] for name in names], dtype=np.float64)
-    log.info("null model: watermark accuracy per epoch %s", np.round(curves, 4).tolist())
-    return curves[0] if isinstance(key, Key) else curves
+# --------------------------------------------------------------------------- the schemes
 
 
 class _Backdoor(Watermark):
-    """What the backdoor schemes share: verification against a calibrated key."""
+    """What the backdoor schemes share: calibrated embedding and the threshold test."""
 
-    def verify(self, model, key: Key, *, batch_size: int = 256) -> Verification:
-        """Score ``model`` on ``key``: accuracy, threshold (Aiken et al. 7.1), p-value, verdict.
+    kind = "robust"
 
-        Raises:
-            UserError: the key belongs to another scheme, does not fit the
-                model, or was never calibrated with a null model.
+    def trigger_sets(self, data) -> tuple[np.ndarray, np.ndarray, Key]:
+        """The watermark training images, their labels, and the key (not yet calibrated).
+
+        Needs no model; :meth:`embed` calls it and calibrates the key.
         """
-        if key.scheme != self.name:
-            raise UserError(f"key is for scheme {key.scheme!r}, not {self.name!r}")
+        raise NotImplementedError
+
+    def _mark(self, model, data, x_wm, y_wm, hooks: tuple) -> keras.Model:
+        """A copy of ``model`` trained with the watermark images."""
+        raise NotImplementedError
+
+    def _embed(self, model, data, *, hooks: tuple) -> Marked:
+        x_wm, y_wm, key = self.trigger_sets(data)
+        marked = self._mark(model, data, x_wm, y_wm, hooks)
+        recipe = self.config.null_train or self.config.train
+        twin = vanilla(model, data, recipe)
+        curve = twin.replay(lambda m: classifier.accuracy(m, key.inputs, key.labels))
+        log.info(
+            "%s: %d watermark images; watermark accuracy %.4f; clean twin per epoch %s",
+            self.name,
+            len(x_wm),
+            classifier.accuracy(marked, key.inputs, key.labels),
+            np.round(curve, 4).tolist(),
+        )
+        return Marked(marked, _calibrated(key, curve))
+
+    def decide(self, key: Key, outputs: np.ndarray) -> Verification:
+        """Watermark accuracy against the clean twin's best epoch (Aiken et al. 7.1)."""
         null = key.arrays.get("null_accuracies")
         threshold = key.metadata.get("threshold")
-        if null is None or threshold is None:
+        if null is None or threshold is None or len(key) == 0:
             raise UserError(
-                f"the {self.name} key has no null model, so there is no threshold to verify "
-                "against; calibrate it (python -m watermarks embed ... --calibrate, or "
-                "watermarks.backdoor.calibrate(key, null_accuracies(...)))"
+                f"the {self.name} key holds no null curve (or no inputs), so there is no "
+                "threshold to verify against; make keys with embed, which calibrates them"
             )
-        accuracy = watermark_accuracy(model, key, batch_size)
-        p_value, _ = null_p_value(accuracy, null)
-        detected = accuracy > float(threshold)
-        relation = ">" if detected else "<="
+        statistic = float(np.mean(answers(outputs) == key.labels))
+        threshold = float(threshold)
+        p_value, method = null_p_value(statistic, null)
+        present = statistic > threshold
         significance = "significant" if p_value < SIGNIFICANCE else "not significant"
         verdict = (
-            f"watermark {'detected' if detected else 'not detected'}: accuracy {accuracy:.4f} "
-            f"{relation} threshold {float(threshold):.4f} (the best of {len(null)} clean-model "
-            f"values); p = {p_value:.3g}, {significance} at {SIGNIFICANCE}"
+            f"watermark accuracy {statistic:.4f} {'>' if present else '<='} threshold "
+            f"{threshold:.4f} (the best of {len(null)} clean-twin epochs): "
+            f"{'present' if present else 'absent'}; p = {p_value:.3g}, {significance} at "
+            f"{SIGNIFICANCE}"
         )
         return Verification(
-            self.name, float(accuracy), float(threshold), float(p_value), bool(detected), verdict
+            kind=self.kind,
+            scheme=self.name,
+            statistic=statistic,
+            threshold=threshold,
+            p_value=p_value,
+            present=bool(present),
+            intact=None,
+            verdict=verdict,
+            n=len(key),
+            null=f"clean twin's watermark accuracy after each of its {len(null)} epochs; {method}",
         )
 
     def _key(self, data, inputs, labels, arrays=None, **facts) -> Key:
         metadata = {
-            "config": dataclasses.asdict(self.config),
-            "dataset": data.name,
+            "config": as_dict(self.config),
             "num_classes": int(data.num_classes),
             "input_shape": list(data.input_shape),
             **facts,
         }
         return Key(self.name, inputs, labels, metadata=metadata, arrays=arrays or {})
 
-    def trigger_sets(self, data) -> tuple[np.ndarray, np.ndarray, Key]:
-        """The watermark training images, their labels, and the (uncalibrated) key.
-
-        Needs no model: callers may build keys first (e.g. to record a clean
-        model's curves on several keys in one training, see :func:`null_accuracies`).
-        """
-        raise NotImplementedError
-
-    def _train(self, model, data, x_wm, y_wm, verbose) -> tuple[keras.Model, int]:
-        """Mark a copy of ``model`` with the watermark images; return it and the epochs run."""
-        raise NotImplementedError
-
-    def embed(self, model, data, *, null_accuracies: np.ndarray | None = None, verbose=None):
-        """Mark (a copy of) ``model`` by training it with the watermark images.
-
-        Args:
-            model: Zhang et al. and Adi FS: the architecture, re-initialised from
-                the recipe's seed (Zhang with ``from_scratch=False`` and Adi PT:
-                the weights to fine-tune). Left untouched.
-            data: a :class:`models.Dataset`.
-            null_accuracies: a clean model's curve on this scheme's key, to
-                calibrate at once (the key's inputs are known beforehand from
-                :meth:`trigger_sets`); without it the key must be calibrated
-                with :func:`calibrate` before it can be verified.
-            verbose: Keras progress.
-
-        Returns:
-            ``(marked_model, key)``.
-        """
-        _check_dataset(data, self.name)
-        _check_model_fits(model, data)
-        x_wm, y_wm, key = self.trigger_sets(data)
-        marked, epochs = self._train(model, data, x_wm, y_wm, verbose)
-        log.info(
-            "%s: %d watermark images, %d epochs; watermark accuracy %.4f",
-            self.name,
-            len(x_wm),
-            epochs,
-            watermark_accuracy(marked, key),
-        )
-        return marked, (key if null_accuracies is None else calibrate(key, null_accuracies))
-
 
 # --------------------------------------------------------------------------- Zhang et al.
+
+# The Table 5 network's recipe in the laundering reproduction's quick preset.
+_QUICK_RECIPE = TrainConfig.cae(15, early_stopping_patience=3)
+_SMOKE_RECIPE = TrainConfig(epochs=8, batch_size=32, learning_rate=1e-2)
+_ZHANG_PRESETS = {
+    "smoke": {"n": 200, "n_key": 300, "train": _SMOKE_RECIPE},
+    "quick": {"n": 2000, "n_key": 1000, "train": _QUICK_RECIPE},
+    "paper": {"n": 1000, "n_key": 1000, "train": TrainConfig.cae(epochs=50)},
+}
 
 
 class _Zhang(_Backdoor):
     """Zhang et al.: train on the training set plus watermark copies labelled ``target``."""
 
+    presets = _ZHANG_PRESETS
+
+    @property
+    def uses_weights(self) -> bool:
+        return not self.config.from_scratch
+
     def trigger_sets(self, data) -> tuple[np.ndarray, np.ndarray, Key]:
         """The ``n`` watermark training copies, their labels, and the key (test images)."""
-        _check_dataset(data, self.name)
         if self.config.target >= data.num_classes:
             raise UserError(
                 f"target class {self.config.target} does not exist: '{data.name}' has "
@@ -727,13 +632,11 @@ class _Zhang(_Backdoor):
     def _trigger_sets(self, data):
         raise NotImplementedError
 
-    def _train(self, model, data, x_wm, y_wm, verbose):
-        from models.training import train
-
+    def _mark(self, model, data, x_wm, y_wm, hooks):
         pair, recipe = _clean_then_watermark(data, x_wm, y_wm, self.config.train)
         marked = _starting_model(model, self.config.from_scratch, self.config.train.seed)
-        result = train(marked, pair, recipe, cache_tag=self.name, verbose=verbose)
-        return marked, result.epochs_run
+        train(marked, pair, recipe, cache_tag=self.name, hooks=hooks, verbose=0)
+        return marked
 
     def _stamped_sources(self, data, rng):
         """Indices of training and test images of the source classes, drawn with ``rng``."""
@@ -744,10 +647,10 @@ class _Zhang(_Backdoor):
             raise UserError(f"source_classes {list(classes)} exceed the {data.num_classes} classes")
         train_pool = np.flatnonzero(np.isin(data.y_train, classes))
         test_pool = np.flatnonzero(np.isin(data.y_test, classes))
-        if len(train_pool) < self.config.n:
+        if len(train_pool) < self.config.n or len(test_pool) == 0:
             raise UserError(
                 f"n={self.config.n} watermark images requested but the source classes have "
-                f"{len(train_pool)} training images"
+                f"{len(train_pool)} training and {len(test_pool)} test images"
             )
         train_idx = rng.choice(train_pool, self.config.n, replace=False)
         n_key = min(self.config.n_key, len(test_pool))
@@ -793,12 +696,12 @@ class ZhangContent(_Zhang):
         )
 
     def _stamp(self, data, x, pattern):
-        x = _raw(data, x)
+        x = data.to_unit(x)
         if self.config.content_background is not None:
             box = pattern["box"].astype(bool)[None, :, :, None]
             x = np.where(box, np.float32(self.config.content_background), x)
         mask = pattern["mask"].astype(bool)[None, :, :, None]
-        return _prepared(data, np.where(mask, np.float32(self.config.content_value), x))
+        return data.from_unit(np.where(mask, np.float32(self.config.content_value), x))
 
 
 class ZhangNoise(_Zhang):
@@ -813,7 +716,7 @@ class ZhangNoise(_Zhang):
         return self._stamped_trigger_sets(data, {"noise": noise})
 
     def _stamp(self, data, x, pattern):
-        return _prepared(data, np.clip(_raw(data, x) + pattern["noise"][None], 0.0, 1.0))
+        return data.from_unit(np.clip(data.to_unit(x) + pattern["noise"][None], 0.0, 1.0))
 
 
 class ZhangUnrelated(_Zhang):
@@ -821,6 +724,11 @@ class ZhangUnrelated(_Zhang):
 
     name = "zhang_unrelated"
     Config = ZhangUnrelatedConfig
+    presets = {
+        **_ZHANG_PRESETS,
+        # the laundering reproduction caps n at the 1000 digits its offline source can give
+        "quick": {**_ZHANG_PRESETS["quick"], "n": 1000},
+    }
 
     def source_name(self, data) -> str:
         """The dataset the unrelated images come from, for training data ``data``."""
@@ -834,38 +742,40 @@ class ZhangUnrelated(_Zhang):
             raise UserError(f"unrelated images must come from another dataset than '{data.name}'")
         return source
 
+    def _pool(self, labels: np.ndarray, source_name: str, num_classes: int) -> np.ndarray:
+        """Indices of the source images of the chosen class (all, without one)."""
+        wanted = self.config.unrelated_class
+        if wanted is None:
+            return np.arange(len(labels))
+        if wanted >= num_classes:
+            raise UserError(
+                f"unrelated_class {wanted} does not exist: '{source_name}' has "
+                f"{num_classes} classes"
+            )
+        return np.flatnonzero(labels == wanted)
+
     def _trigger_sets(self, data):
         import models
 
         source_name = self.source_name(data)
         source = models.load(source_name, data_dir=self.config.unrelated_data_dir)
         rng = np.random.default_rng([self.config.seed, 3])
-
-        def pool(y):
-            if self.config.unrelated_class is None:
-                return np.arange(len(y))
-            if self.config.unrelated_class >= source.num_classes:
-                raise UserError(
-                    f"unrelated_class {self.config.unrelated_class} does not exist: "
-                    f"'{source_name}' has {source.num_classes} classes"
-                )
-            return np.flatnonzero(y == self.config.unrelated_class)
-
-        train_pool, test_pool = pool(source.y_train), pool(source.y_test)
-        if len(train_pool) < self.config.n:
+        train_pool = self._pool(source.y_train, source_name, source.num_classes)
+        test_pool = self._pool(source.y_test, source_name, source.num_classes)
+        if len(train_pool) < self.config.n or len(test_pool) == 0:
             raise UserError(
                 f"n={self.config.n} unrelated images requested but '{source_name}' has "
-                f"{len(train_pool)} training images of the chosen class(es)"
+                f"{len(train_pool)} training and {len(test_pool)} test images of the chosen "
+                "class(es)"
             )
         train_idx = np.sort(rng.choice(train_pool, self.config.n, replace=False))
         n_key = min(self.config.n_key, len(test_pool))
         test_idx = np.sort(rng.choice(test_pool, n_key, replace=False))
-        x_wm = _prepared(
-            data, _fit_images(_raw(source, source.x_train[train_idx]), data.input_shape)
-        )
-        x_key = _prepared(
-            data, _fit_images(_raw(source, source.x_test[test_idx]), data.input_shape)
-        )
+
+        def fitted(x):
+            return data.from_unit(_fit_images(source.to_unit(x), data.input_shape))
+
+        x_wm, x_key = fitted(source.x_train[train_idx]), fitted(source.x_test[test_idx])
         target = self.config.target
         key = self._key(
             data,
@@ -934,11 +844,21 @@ class AdiAbstract(_Backdoor):
 
     name = "adi"
     Config = AdiConfig
+    presets = {
+        "smoke": {"n": 50, "k": 8, "train": _SMOKE_RECIPE},
+        # the laundering reproduction's quick FS model (its PT: mode="pt", k=16, train=
+        # TrainConfig(epochs=4, learning_rate=5e-4, lr_schedule="step"), null_train=this train)
+        "quick": {"n": 100, "k": 8, "train": TrainConfig.cae(epochs=6, early_stopping_patience=3)},
+        # Adi et al.: 100 images, 2 in every batch of 100; the laundering paper's CIFAR-10 recipe
+        "paper": {"n": 100, "k": 2, "train": TrainConfig.cae(epochs=200, batch_size=100)},
+    }
+
+    @property
+    def uses_weights(self) -> bool:
+        return self.config.mode == "pt"
 
     def trigger_sets(self, data) -> tuple[np.ndarray, np.ndarray, Key]:
-        """The trigger images, their random labels, and the (uncalibrated) key (the same images)."""
-        if not hasattr(data, "input_shape") or not hasattr(data, "num_classes"):
-            raise UserError("adi embeds with a models.Dataset")
+        """The trigger images, their random labels, and the key (the same images)."""
         cfg = self.config
         if cfg.image_dir is not None:
             raw = _read_image_dir(cfg.image_dir, cfg.n, data.input_shape)
@@ -946,153 +866,21 @@ class AdiAbstract(_Backdoor):
         else:
             raw = abstract_images(cfg.n, data.input_shape, cfg.seed)
             origin = "procedural abstract images (abstract_images)"
-        triggers = _prepared(data, raw)
+        triggers = data.from_unit(raw)
         labels = np.random.default_rng([cfg.seed, 4]).integers(0, data.num_classes, cfg.n)
         key = self._key(data, triggers, labels, origin=origin)
         return triggers, labels.astype(np.int64), key
 
-    def _train(self, model, data, x_wm, y_wm, verbose):
+    def _mark(self, model, data, x_wm, y_wm, hooks):
         """Train (FS) or fine-tune (PT) with ``k`` triggers appended to every batch."""
-        from models.training import train
-
         cfg = self.config
         marked = _starting_model(model, cfg.mode == "fs", cfg.train.seed)
         wrapper = TriggerBatchModel(marked, x_wm, y_wm, cfg.k, cfg.seed)
         wrapper(x_wm[:1])  # build
-        tag = f"adi:{cfg.mode}:k={cfg.k}:seed={cfg.seed}:{_digest(x_wm, y_wm)}:{_model_digest(marked)}"
+        tag = (
+            f"adi:{cfg.mode}:k={cfg.k}:seed={cfg.seed}:{array_digest(x_wm, y_wm)}:"
+            f"{_model_digest(marked)}"
+        )
         pair = (data.x_train, data.y_train)
-        result = train(wrapper, pair, cfg.train, cache_tag=tag, verbose=verbose)
-        return marked, result.epochs_run
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _scheme_options(args) -> dict[str, Any]:
-    """The config values the command line sets, for the chosen scheme."""
-    recipe = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        learning_rate=args.learning_rate,
-        momentum=args.momentum,
-        validation_split=args.validation_split,
-        early_stopping_patience=args.early_stopping_patience,
-        seed=args.seed,
-    )
-    options: dict[str, Any] = {"seed": args.seed, "train": recipe}
-    if args.n is not None:
-        options["n"] = args.n
-    zhang_only = {"target": args.target, "n_key": args.n_key}
-    adi_only = {"mode": args.mode, "k": args.k, "image_dir": args.image_dir}
-    if args.scheme == "adi":
-        bad = [f"--{k.replace('_', '-')}" for k, v in zhang_only.items() if v is not None]
-        bad += ["--fine-tune"] if args.fine_tune else []
-        bad += ["--unrelated-source"] if args.unrelated_source else []
-        options.update({k: v for k, v in adi_only.items() if v is not None})
-    else:
-        bad = [f"--{k.replace('_', '-')}" for k, v in adi_only.items() if v is not None]
-        options.update({k: v for k, v in zhang_only.items() if v is not None})
-        options["from_scratch"] = not args.fine_tune
-        if args.unrelated_source:
-            if args.scheme != "zhang_unrelated":
-                bad.append("--unrelated-source")
-            options["unrelated_source"] = args.unrelated_source
-    if bad:
-        raise UserError(f"{', '.join(bad)} do(es) not apply to scheme {args.scheme!r}")
-    return options
-
-
-def _embed_command(args) -> int:
-    import models
-    from models.loading import output_path
-    from models.registry import build_config
-    from watermarks.base import get
-
-    if args.scheme not in SCHEMES:
-        raise UnknownNameError("backdoor scheme", args.scheme, SCHEMES)
-    cls = get(args.scheme)
-    config = build_config(cls.Config, _scheme_options(args))
-    out_model = output_path(args.out_model, ".keras", "--out-model")
-    out_key = output_path(args.out_key, ".npz", "--out-key")
-    if args.dataset not in models.dataset_names():  # before TensorFlow starts on the model
-        raise UnknownNameError("dataset", args.dataset, models.dataset_names())
-    model = models.load_model(args.model)
-    data = models.load_for_model(
-        args.dataset,
-        model,
-        data_dir=args.data_dir,
-        max_train=args.max_train,
-        max_test=args.max_test,
-        seed=args.seed,
-    )
-    scheme = cls(config)
-    marked, key = scheme.embed(model, data, verbose=0 if not args.verbose else None)
-    if args.calibrate:
-        null_recipe = config.train
-        if args.null_epochs is not None:
-            null_recipe = dataclasses.replace(null_recipe, epochs=args.null_epochs)
-        clean = _starting_model(model, True, null_recipe.seed)
-        curve = null_accuracies(clean, data, key, null_recipe, cache=not args.no_cache, verbose=0)
-        key = calibrate(key, curve)
-    key.save(out_key)
-    try:
-        models.save_model(marked, out_model)
-    except BaseException:
-        out_key.unlink(missing_ok=True)  # no key without its model
-        raise
-    test_acc = classifier.accuracy(marked, data.x_test, data.y_test)
-    print(f"scheme:              {args.scheme}")
-    print(f"test accuracy:       {test_acc:.4f} on {len(data.y_test)} '{args.dataset}' test images")
-    print(f"watermark accuracy:  {watermark_accuracy(marked, key):.4f} on {len(key)} key inputs")
-    if "threshold" in key.metadata:
-        result = scheme.verify(marked, key)
-        print(f"threshold:           {result.threshold:.4f} (clean model, best epoch)")
-        print(f"verdict:             {result.verdict}")
-    else:
-        print("threshold:           none yet (no --calibrate); the key cannot be verified")
-    print(f"wrote {out_model} and {out_key}")
-    return 0
-
-
-def add_command(subparsers) -> None:
-    """Add ``embed`` (mark a user's model with a backdoor watermark) to ``python -m watermarks``."""
-    p = subparsers.add_parser(
-        "embed",
-        help="mark a model with a backdoor watermark (Zhang et al., Adi et al.)",
-        description="Zhang et al. and Adi FS retrain the model's architecture from scratch "
-        "(re-initialised); Adi PT (--mode pt) and Zhang with --fine-tune start from its weights.",
-    )
-    p.add_argument("--scheme", required=True, help=f"one of: {', '.join(SCHEMES)}")
-    p.add_argument("--model", required=True, help="the model (.keras, loaded in safe mode)")
-    p.add_argument("--dataset", required=True, help="training data (e.g. fashion_mnist, digits)")
-    p.add_argument("--out-model", required=True, help="where to write the marked model (.keras)")
-    p.add_argument("--out-key", required=True, help="where to write the key (.npz)")
-    p.add_argument("--data-dir", help="folder holding the dataset (see models.load)")
-    p.add_argument("--max-train", type=int, help="use at most this many training images")
-    p.add_argument("--max-test", type=int, help="use at most this many test images")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--optimizer", default="adam", help="adam or sgd")
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--validation-split", type=float, default=0.0)
-    p.add_argument("--early-stopping-patience", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, help="watermark images (Zhang: copies added; Adi: triggers)")
-    p.add_argument("--target", type=int, help="Zhang: the target class (default 0)")
-    p.add_argument("--n-key", type=int, help="Zhang: verification images in the key")
-    p.add_argument("--fine-tune", action="store_true", help="Zhang: start from the weights")
-    p.add_argument("--unrelated-source", help="zhang_unrelated: the other dataset")
-    p.add_argument("--mode", help="adi: fs (from scratch, default) or pt (pre-trained)")
-    p.add_argument("--k", type=int, help="adi: trigger images per batch (default 2)")
-    p.add_argument("--image-dir", help="adi: folder of the original abstract images")
-    p.add_argument(
-        "--calibrate",
-        action="store_true",
-        help="train a clean model of the same architecture and store its per-epoch watermark "
-        "accuracies in the key (the threshold; needed by verify)",
-    )
-    p.add_argument("--null-epochs", type=int, help="epochs of the clean model (default --epochs)")
-    p.add_argument("--no-cache", action="store_true", help="retrain the clean model")
-    p.set_defaults(handler=_embed_command)
+        train(wrapper, pair, cfg.train, cache_tag=tag, hooks=hooks, verbose=0)
+        return marked

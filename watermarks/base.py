@@ -157,6 +157,8 @@ class Watermark(Evidence):
     """
 
     registry: ClassVar[Registry] = REGISTRY
+    #: whether the marked model differs from the one given (False: Yin et al.'s fragile triggers)
+    changes_model: ClassVar[bool] = True
 
     @property
     def uses_weights(self) -> bool:
@@ -184,10 +186,7 @@ class Watermark(Evidence):
         from models.sanity import check_model
 
         check_model(model, data, trained=self.uses_weights)
-        marked = self._embed(model, data, hooks=tuple(hooks))
-        facts = {"dataset": data.name, "input_range": [float(v) for v in data.input_range]}
-        key = dataclasses.replace(marked.key, metadata={**marked.key.metadata, **facts})
-        marked = Marked(marked.model, key)
+        marked = self.mark(model, data, hooks=hooks)
         result = self.verify(marked.model, marked.key)
         if not result.positive:
             raise EmbeddingFailed(
@@ -195,6 +194,20 @@ class Watermark(Evidence):
                 f"{result.verdict}"
             )
         return marked
+
+    def mark(self, model, data, *, hooks: Sequence = ()) -> Marked:
+        """The embedding alone: no gate, and a key its verifier may not call present.
+
+        For whoever embeds without being the owner who will claim the model:
+        an overwriting adversary (its own watermark need not verify), or an
+        experiment that measures an embedding too small to be significant
+        (Yang et al.'s Table 1 at 5 keys, where a binomial test at 0.01 needs
+        7). An owner uses :meth:`embed`.
+        """
+        marked = self._embed(model, data, hooks=tuple(hooks))
+        facts = {"dataset": data.name, "input_range": [float(v) for v in data.input_range]}
+        key = dataclasses.replace(marked.key, metadata={**marked.key.metadata, **facts})
+        return Marked(marked.model, key)
 
     @abc.abstractmethod
     def _embed(self, model, data, *, hooks: tuple) -> Marked:

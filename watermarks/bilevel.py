@@ -7,8 +7,8 @@ the unmarked model does not give it. Each of N outer phases runs the inner
 loop (M iterations: move the exemplars S to maximise, by eq. 5, the loss on
 D_wm of a temporary copy trained on S by eq. 4), then per layer picks the mask
 C of eq. 6 and updates only the parameters in C on the loss of eq. 2.
-``BiLevel(...).embed(model, data)`` reports exactly how many parameters
-changed (elementwise ``!=`` against the original weights).
+``BiLevel(...).embed(model, data)`` records in the key exactly how many
+parameters changed (elementwise ``!=`` against the original weights).
 
 Data: ``data.x_train``/``y_train`` is D_tr, the natural data whose function
 must be kept (the owner's training data); ``data.x_test`` is the held-out
@@ -17,25 +17,27 @@ pool the keys are drawn from (never trained on).
 Choices the paper leaves open, made here:
 
 * Key samples (section 4): the ``keys`` inputs of the pool with the highest
-  prediction entropy under the unmarked model. The target label of a key
-  (``target``) is by default its runner-up class, the second most likely
-  under the unmarked model: the key lies near the boundary between the two
-  ("the model could easily manipulate their labels with a slight
-  modification"). ``target="random"`` draws it uniformly (seeded) from the
-  classes other than the prediction instead.
-* Verification (the paper reports R_auth only): :meth:`BiLevel.verify`
-  runs a one-sided binomial test of the number of keys labelled with their
-  target against Binomial(n, p0) and detects the watermark when
-  p <= ``alpha`` (0.01); ``threshold`` is the smallest R_auth with
-  p <= ``alpha``. For random targets p0 = 1 / (num_classes - 1) is a proven
-  bound: a model not trained towards the secret targets hits each one with
-  at most that probability, whatever it predicts, since the target is
-  independent of it. For runner-up targets no such bound exists; p0 = 1/2
-  assumes that a model without the watermark resolves each near-boundary
-  key between the unmarked model's two most likely classes no more often
-  towards the target than a fair coin. The reproduction checks it against
-  the unmarked model after fine-tuning and pruning (the controls). With
-  p0 = 1/2 the test needs at least 7 keys to reach p <= 0.01.
+  prediction entropy (``scipy.stats.entropy``) under the unmarked model. The
+  target label of a key (``target``) is by default its runner-up class, the
+  second most likely under the unmarked model: the key lies near the
+  boundary between the two ("the model could easily manipulate their labels
+  with a slight modification"). ``target="random"`` draws it uniformly
+  (seeded) from the classes other than the prediction instead.
+* Verification (the paper reports R_auth only): :meth:`BiLevel.decide`
+  runs a one-sided binomial test (:func:`models.evidence.binomial_p_value`)
+  of the number of keys labelled with their target against Binomial(n, p0)
+  and calls the watermark present when p <= ``alpha`` (0.01); the threshold
+  is the smallest R_auth with p <= ``alpha``. For random targets
+  p0 = 1 / (num_classes - 1) is a proven bound: a model not trained towards
+  the secret targets hits each one with at most that probability, whatever
+  it predicts, since the target is independent of it. For runner-up targets
+  no such bound exists; p0 = 1/2 assumes that a model without the watermark
+  resolves each near-boundary key between the unmarked model's two most
+  likely classes no more often towards the target than a fair coin. The
+  reproduction checks it against the unmarked model after fine-tuning and
+  pruning (the controls). With p0 = 1/2 the test needs at least 7 keys to
+  reach p <= 0.01, so an embedding with fewer keys fails (``embed`` raises
+  :class:`watermarks.base.EmbeddingFailed`).
 * S_0 = D_wm (Algorithm 1 "S_0 subset of D_wm": the whole set), so eq. 5's
   gradient has S's shape and needs none of the paper's "clustering and
   reshaping". Eq. 5's gradient is the hyper-gradient of the temporary
@@ -68,10 +70,11 @@ Choices the paper leaves open, made here:
   data), so C can be empty and nothing is embedded. ``mask_rule="widened"``
   (default) widens both top-N lists together until their intersection holds
   N parameters: it ranks parameters by the worse of their two ranks
-  (ties by the key-gradient rank). It equals eq. 6 whenever the literal
-  intersection is full, always contains it, and keeps the paper's intent
-  (large gradient on keys, small on natural data). The literal sizes are
-  recorded in the key either way.
+  (``scipy.stats.rankdata``, ties by position; ties of the worse rank by the
+  key-gradient rank). It equals eq. 6 whenever the literal intersection is
+  full, always contains it, and keeps the paper's intent (large gradient on
+  keys, small on natural data). The literal sizes are recorded in the key
+  either way.
 * How many masked steps a phase takes is not in the paper: ``steps`` steps,
   each on a natural batch of ``batch_size`` and the whole S_wm ("batches
   of comparable size", Algorithm 1 step 9). Eq. 7 is plain gradient
@@ -79,12 +82,29 @@ Choices the paper leaves open, made here:
   moments for the masked parameters, one reading of section 4.4's "masked
   adaptive optimization": at the paper's learning rates plain gradient
   descent moves the 2.5% of parameters slowly (REPORT.md compares both).
+  Both are ``keras.optimizers`` (Keras' defaults beta1 0.9, beta2 0.999,
+  epsilon 1e-7), given the gradients with every entry outside the mask set
+  to zero. One optimizer serves a whole embedding (its moments carry over
+  the phases); since the masks only grow within an embedding, a parameter
+  outside the mask has had a zero gradient since the optimizer started, so
+  its moments are zero and Adam's step for it is exactly zero: it stays
+  bit-identical. Should a mask ever lose a parameter, the optimizer starts
+  afresh (:meth:`_Embedder.set_masks`). ``bench/bilevel_masked_steps.py``
+  times this against the hand-written masked Adam it replaced (same model,
+  same steps, interleaved): the same CPU time (ratio 1.00 for Adam and 0.96
+  for SGD on LeNet5, 1.02 on the tiny test CNN), so the library optimiser
+  is used. SGD gives the same weights bit for bit; Keras' Adam adds epsilon
+  to sqrt(v) rather than to the bias-corrected sqrt(v_hat), which moves the
+  masked weights slightly (smoke preset: largest difference 2e-4, the same
+  R_auth 1.0 and R_loss 7.52 pp).
   Learning rate alpha1 = alpha2 = beta1 = ``learning_rate`` (5.1.4: 0.002
   for MNIST-size models, 0.02 for CIFAR-size).
 * The model runs in inference mode throughout (batch normalisation uses
   its moving statistics, dropout is off), so statistics outside the mask
-  do not change either. The loss is cross-entropy on the logits (the input
-  of a final softmax layer when there is one).
+  do not change either. The loss is cross-entropy on the logits
+  (:func:`models.classifier.logit_function`: the input of a final softmax
+  when there is one); the temporary models of eqs. 4-5 are the same
+  function evaluated at other weights (``keras.StatelessScope``).
 """
 
 from __future__ import annotations
@@ -96,24 +116,23 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
+from scipy import stats
 
 from models import classifier
+from models.config import as_dict, option, validate
 from models.errors import UserError
+from models.evidence import answers, binomial_p_value, binomial_threshold
 from models.zoo import copy_model
-from watermarks.base import Key, Verification, Watermark
+from watermarks.base import Key, Marked, Verification, Watermark
 
 __all__ = [
     "BiLevel",
     "BiLevelConfig",
-    "add_command",
-    "binomial_p_value",
-    "binomial_threshold",
     "changed_parameters",
     "eq6_masks",
     "hypergradient",
@@ -121,7 +140,6 @@ __all__ = [
     "kernel_layers",
     "layer_mask",
     "null_probability",
-    "r_auth",
     "select_keys",
 ]
 
@@ -131,23 +149,9 @@ MASK_RULES = ("widened", "intersection")
 TARGETS = ("runner_up", "random")
 INNER_MODES = ("second_order", "first_order")
 OPTIMIZERS = ("adam", "sgd")
-_ADAM = (0.9, 0.999, 1e-7)  # beta1, beta2, epsilon (Keras' defaults)
 _CHUNK_VALUES = 2e7  # per-example gradient values held at once
 _WORK: collections.OrderedDict = collections.OrderedDict()  # see BiLevel._embedder
 _WORK_SIZE = 4
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_number(name: str, value: object, low: float, high: float, *, open_low=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise UserError(f"{name} must be a number, got {value!r}")
-    if value < low or value > high or (open_low and value == low):
-        bracket = "(" if open_low else "["
-        raise UserError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -180,56 +184,32 @@ class BiLevelConfig:
         seed: seeds the targets and the natural batches.
     """
 
-    keys: int = 20
-    phases: int = 10
-    inner_steps: int = 3
-    learning_rate: float = 0.002
-    trade_off: float = 0.9
-    top_fraction: float = 0.025
-    steps: int = 200
-    batch_size: int = 32
-    mask_samples: int = 512
-    mask_rule: str = "widened"
-    inner: str = "second_order"
-    optimizer: str = "adam"
-    target: str = "runner_up"
-    layers: tuple[str, ...] = ()
-    alpha: float = 0.01
-    stop_when_embedded: bool = False
-    seed: int = 0
+    keys: int = option(20, low=1, help="number of key samples |D_wm|")
+    phases: int = option(10, low=1, help="outer phases N")
+    inner_steps: int = option(3, low=0, help="inner iterations M")
+    learning_rate: float = option(
+        0.002, low=0.0, low_open=True, high=10.0, help="alpha1 = alpha2 = beta1"
+    )
+    trade_off: float = option(0.9, low=0.0, high=1.0, help="lambda of eq. 2 (natural-data weight)")
+    top_fraction: float = option(
+        0.025, low=0.0, low_open=True, high=1.0, help="N of eq. 6 per layer, as a fraction"
+    )
+    steps: int = option(200, low=1, help="masked update steps per phase")
+    batch_size: int = option(32, low=1, help="natural examples per masked step")
+    mask_samples: int = option(512, low=1, help="natural examples ranked by eq. 6")
+    mask_rule: str = option("widened", choices=MASK_RULES, help="eq. 6 widened or as printed")
+    inner: str = option("second_order", choices=INNER_MODES, help="the inner loop's gradient")
+    optimizer: str = option("adam", choices=OPTIMIZERS, help="masked Adam or eq. 7's SGD")
+    target: str = option("runner_up", choices=TARGETS, help="a key's target label")
+    layers: tuple[str, ...] = option((), help="layers to watermark (empty: every kernel layer)")
+    alpha: float = option(
+        0.01, low=0.0, low_open=True, high=1.0, help="significance of the verification"
+    )
+    stop_when_embedded: bool = option(False, help="stop once every key carries its target")
+    seed: int = option(0, low=0, high=2**32 - 1, help="seeds the targets and the batches")
 
     def __post_init__(self):
-        _check_int("keys", self.keys, 1)
-        _check_int("phases", self.phases, 1)
-        _check_int("inner_steps", self.inner_steps, 0)
-        _check_int("steps", self.steps, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("mask_samples", self.mask_samples, 1)
-        _check_number("learning_rate", self.learning_rate, 0.0, 10.0, open_low=True)
-        _check_number("trade_off", self.trade_off, 0.0, 1.0)
-        _check_number("top_fraction", self.top_fraction, 0.0, 1.0, open_low=True)
-        _check_number("alpha", self.alpha, 0.0, 1.0, open_low=True)
-        if (
-            isinstance(self.seed, bool)
-            or not isinstance(self.seed, int)
-            or not 0 <= self.seed < 2**32
-        ):
-            raise UserError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        for name, value, known in (
-            ("mask_rule", self.mask_rule, MASK_RULES),
-            ("inner", self.inner, INNER_MODES),
-            ("optimizer", self.optimizer, OPTIMIZERS),
-            ("target", self.target, TARGETS),
-        ):
-            if value not in known:
-                raise UserError(f"unknown {name} {value!r}; expected one of: {', '.join(known)}")
-        if not isinstance(self.stop_when_embedded, bool):
-            raise UserError(
-                f"stop_when_embedded must be true or false, got {self.stop_when_embedded!r}"
-            )
-        if isinstance(self.layers, str):
-            raise UserError(f"layers must be a list of layer names, got {self.layers!r}")
-        object.__setattr__(self, "layers", tuple(self.layers))
+        validate(self)
 
 
 # --------------------------------------------------------------------------- model plumbing
@@ -246,27 +226,6 @@ def kernel_layers(model: keras.Model) -> list[keras.layers.Layer]:
     return found
 
 
-def _logits_model(model: keras.Model) -> tuple[keras.Model, bool]:
-    """A model sharing ``model``'s variables that outputs logits, and whether it does.
-
-    The zoo's models (and most user models) end in a separate softmax layer,
-    whose input is the logits. Otherwise the model itself is used and its
-    probabilities are turned into a log-likelihood (clipped at 1e-12).
-    """
-    last = model.layers[-1] if model.layers else None
-    is_softmax = isinstance(last, keras.layers.Softmax) or (
-        isinstance(last, keras.layers.Activation)
-        and getattr(last.activation, "__name__", "") == "softmax"
-    )
-    if is_softmax:
-        try:
-            return keras.Model(model.inputs, last.input), True
-        except (ValueError, AttributeError, TypeError):  # a subclassed model: no graph to cut
-            pass
-
-    return model, not classifier.outputs_probabilities(model)
-
-
 def changed_parameters(original: keras.Model, marked: keras.Model) -> int:
     """The number of weights (all variables) of ``marked`` that differ from ``original``'s."""
     a, b = original.get_weights(), marked.get_weights()
@@ -280,12 +239,6 @@ def _parameter_count(model: keras.Model) -> int:
 
 
 # --------------------------------------------------------------------------- keys and the test
-
-
-def entropy(probabilities: np.ndarray) -> np.ndarray:
-    """Shannon entropy (nats) of each row of ``probabilities``."""
-    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)
-    return -(p * np.log(p)).sum(axis=-1)
 
 
 def select_keys(
@@ -304,38 +257,22 @@ def select_keys(
         ``(indices, targets, predictions)``: indices into the pool, the target
         labels and the unmarked model's labels of the keys.
     """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
     num_classes = probabilities.shape[-1]
-    order = np.argsort(-entropy(probabilities), kind="stable")[:n]
+    order = np.argsort(-stats.entropy(probabilities, axis=-1), kind="stable")[:n]
     predictions = probabilities[order].argmax(axis=-1)
     if target == "runner_up":
         targets = np.argsort(-probabilities[order], axis=-1, kind="stable")[:, 1]
     elif target == "random":
         targets = (predictions + rng.integers(1, num_classes, size=len(order))) % num_classes
     else:
-        raise ValueError(f"unknown target rule {target!r}")
+        raise UserError(f"unknown target {target!r}; expected one of: {', '.join(TARGETS)}")
     return order, targets.astype(np.int64), predictions.astype(np.int64)
 
 
 def null_probability(target: str, num_classes: int) -> float:
     """p0 of the verification test for the target rule (see the module docstring)."""
     return 0.5 if target == "runner_up" else 1.0 / (num_classes - 1)
-
-
-def binomial_p_value(hits: int, n: int, p0: float) -> float:
-    """P(X >= hits) for X ~ Binomial(n, p0), summed exactly."""
-    if hits <= 0:
-        return 1.0
-    return float(
-        min(1.0, sum(math.comb(n, k) * p0**k * (1.0 - p0) ** (n - k) for k in range(hits, n + 1)))
-    )
-
-
-def binomial_threshold(n: int, p0: float, alpha: float) -> float:
-    """The smallest share of ``n`` keys whose binomial p-value is at most ``alpha`` (>1: none)."""
-    for hits in range(n + 1):
-        if binomial_p_value(hits, n, p0) <= alpha:
-            return hits / n
-    return math.inf
 
 
 # --------------------------------------------------------------------------- masks (eq. 6)
@@ -351,11 +288,8 @@ def _budget(fraction: float, size: int) -> int:
 
 
 def _ranks(values: np.ndarray, descending: bool) -> np.ndarray:
-    """0-based rank of each value (ties by position)."""
-    order = np.argsort(-values if descending else values, kind="stable")
-    ranks = np.empty(values.size, dtype=np.int64)
-    ranks[order] = np.arange(values.size)
-    return ranks
+    """0-based rank of each value, ties by position (``rankdata``'s ordinal method)."""
+    return stats.rankdata(-values if descending else values, method="ordinal").astype(np.int64) - 1
 
 
 def layer_mask(
@@ -397,7 +331,7 @@ def layer_mask(
     elif rule == "widened":
         candidates = np.lexsort((key_rank, np.maximum(key_rank, natural_rank)))[:budget]
     else:
-        raise ValueError(f"unknown mask rule {rule!r}")
+        raise UserError(f"unknown mask_rule {rule!r}; expected one of: {', '.join(MASK_RULES)}")
     room = max(budget - int(used.sum()), 0)
     fresh = candidates[~used[candidates]][:room]
     mask = used.copy()
@@ -420,14 +354,20 @@ def _quiet_tensorflow():
         logger.setLevel(level)
 
 
+def _optimizer(config: BiLevelConfig) -> keras.optimizers.Optimizer:
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(config.learning_rate)
+    return keras.optimizers.Adam(config.learning_rate)
+
+
 class _Embedder:
     """The tf.functions of Algorithm 1 for one model (its variables are closed over)."""
 
     def __init__(self, model: keras.Model, config: BiLevelConfig, layers: list):
         self.config = config
-        self.net, self.from_logits = _logits_model(model)
-        self.theta = list(self.net.trainable_variables)
-        self.fixed = list(self.net.non_trainable_variables)
+        self.model = model
+        self.logits, self.from_logits = classifier.logit_function(model)
+        self.theta = list(model.trainable_variables)
         index = {id(v): i for i, v in enumerate(self.theta)}
         # per watermarked layer: the positions of its trainable variables in theta
         self.groups = []
@@ -440,13 +380,14 @@ class _Embedder:
         self.masks = [
             tf.Variable(tf.zeros(v.shape, tf.bool), trainable=False) for v in self.variables
         ]
-        self.moments = [
-            (tf.Variable(tf.zeros(v.shape)), tf.Variable(tf.zeros(v.shape))) for v in self.variables
-        ]
-        self.step_count = tf.Variable(0.0, trainable=False)
-        self.model = model
+        self.optimizer = _optimizer(config)
+        self.optimizer.build(self.variables)
+        self._fresh_state = [keras.ops.convert_to_numpy(v) for v in self.optimizer.variables]
+        self._trace(model.input_shape[1:])
+
+    def _trace(self, input_shape) -> None:
         # Signatures with free batch sizes: one trace serves every number of keys and batch.
-        image = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        image = tf.TensorSpec((None, *input_shape), tf.float32)
         labels = tf.TensorSpec((None,), tf.int64)
         scalar = tf.TensorSpec((), tf.float32)
         self.inner_loop = tf.function(
@@ -455,7 +396,7 @@ class _Embedder:
         self.masked_steps = tf.function(
             self._masked_steps,
             input_signature=[
-                tf.TensorSpec((None, None, *model.input_shape[1:]), tf.float32),
+                tf.TensorSpec((None, None, *input_shape), tf.float32),
                 tf.TensorSpec((None, None), tf.int64),
                 image,
                 labels,
@@ -466,14 +407,31 @@ class _Embedder:
         )
 
     def reset(self, weights: list[np.ndarray]) -> None:
-        """Load ``weights`` into the model and clear the masks and Adam's moments."""
+        """Load ``weights`` into the model, clear the masks and start the optimizer afresh."""
         self.model.set_weights(weights)
         for mask in self.masks:
             mask.assign(tf.zeros_like(mask))
-        for m, v in self.moments:
-            m.assign(tf.zeros_like(m))
-            v.assign(tf.zeros_like(v))
-        self.step_count.assign(0.0)
+        self.reset_optimizer()
+
+    def reset_optimizer(self) -> None:
+        """The optimizer's state (step count, moments) as it was when built."""
+        for variable, value in zip(self.optimizer.variables, self._fresh_state, strict=True):
+            variable.assign(value)
+
+    def set_masks(self, masks: dict[int, np.ndarray]) -> None:
+        """Set the masks of the variables in slots ``masks`` (others keep theirs).
+
+        A parameter leaving its mask has moments that would keep moving it
+        under Adam with zero gradients; the optimizer then starts afresh.
+        (Within one embedding the masks only grow, so this never happens.)
+        """
+        shrinks = False
+        for slot, mask in masks.items():
+            old = self.masks[slot].numpy()
+            shrinks = shrinks or bool(np.any(old & ~mask))
+            self.masks[slot].assign(mask)
+        if shrinks:
+            self.reset_optimizer()
 
     # -- losses
     def _loss_per_example(self, outputs, labels):
@@ -483,9 +441,13 @@ class _Embedder:
         picked = tf.gather(outputs, labels, axis=-1, batch_dims=1)
         return -tf.math.log(tf.clip_by_value(picked, 1e-12, 1.0))
 
+    def _outputs(self, theta, x):
+        """The model's logits on ``x`` at weights ``theta`` (a list like ``self.theta``)."""
+        with keras.StatelessScope(state_mapping=list(zip(self.theta, theta, strict=True))):
+            return self.logits(x)
+
     def _loss(self, theta, x, y):
-        outputs, _ = self.net.stateless_call(theta, self.fixed, x, training=False)
-        return tf.reduce_mean(self._loss_per_example(outputs, y))
+        return tf.reduce_mean(self._loss_per_example(self._outputs(theta, x), y))
 
     def _sgd(self, theta, x, y):
         with tf.GradientTape() as tape:
@@ -546,8 +508,9 @@ class _Embedder:
             xi, yi = pair
             with tf.GradientTape() as tape:
                 tape.watch(theta)
-                outputs, _ = self.net.stateless_call(theta, self.fixed, xi[None], training=False)
-                loss = tf.reduce_sum(self._loss_per_example(outputs, yi[None]))
+                loss = tf.reduce_sum(
+                    self._loss_per_example(self._outputs(theta, xi[None]), yi[None])
+                )
             grads = tape.gradient(loss, [theta[i] for i in self.marked])
             return [tf.abs(g) for g in grads]
 
@@ -575,31 +538,18 @@ class _Embedder:
 
     # -- eq. 7 on the loss of eq. 2, masked
     def _masked_steps(self, batches_x, batches_y, exemplars, targets):
-        config = self.config
-        lam = config.trade_off
-        beta1, beta2, eps = _ADAM
+        lam = self.config.trade_off
         for i in tf.range(tf.shape(batches_x)[0]):
             with tf.GradientTape() as tape:
                 natural = self._net_loss(batches_x[i], batches_y[i])
                 watermark = self._net_loss(exemplars, targets)
                 loss = lam * natural + (1.0 - lam) * watermark
             grads = tape.gradient(loss, self.variables)
-            self.step_count.assign_add(1.0)
-            t = self.step_count
-            for variable, grad, mask, (m, v) in zip(
-                self.variables, grads, self.masks, self.moments, strict=True
-            ):
-                grad = tf.where(mask, grad, tf.zeros_like(grad))
-                if config.optimizer == "sgd":
-                    step = config.learning_rate * grad
-                else:
-                    m.assign(beta1 * m + (1.0 - beta1) * grad)
-                    v.assign(beta2 * v + (1.0 - beta2) * grad * grad)
-                    m_hat = m / (1.0 - tf.pow(beta1, t))
-                    v_hat = v / (1.0 - tf.pow(beta2, t))
-                    step = config.learning_rate * m_hat / (tf.sqrt(v_hat) + eps)
-                # tf.where, not a product: parameters outside C keep their exact value
-                variable.assign(tf.where(mask, variable - step, variable))
+            masked = [
+                tf.where(mask, grad, tf.zeros_like(grad))
+                for grad, mask in zip(grads, self.masks, strict=True)
+            ]
+            self.optimizer.apply_gradients(zip(masked, self.variables, strict=True))
 
     def eq6(self, exemplars, targets, x_natural, y_natural, used=None):
         """Eq. 6 for every watermarked layer at the current weights.
@@ -637,17 +587,54 @@ class _Embedder:
         return int(sum(np.prod(self.theta[i].shape) for i in self.groups[k][1]))
 
     def _net_loss(self, x, y):
-        return tf.reduce_mean(self._loss_per_example(self.net(x, training=False), y))
+        return tf.reduce_mean(self._loss_per_example(self.logits(x), y))
 
 
 # --------------------------------------------------------------------------- the scheme
+
+
+@dataclass
+class _Progress:
+    """What the outer loop of one embedding has done so far."""
+
+    used: dict  # layer id -> flat mask of the parameters changed so far (None: none yet)
+    budgets: list[int]
+    literal: list = dataclasses.field(default_factory=list)
+    hyper_norms: list[float] = dataclasses.field(default_factory=list)
+    curves: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    phases_run: int = 0
+
+    def full(self) -> bool:
+        """Every layer's budget is used: eq. 6 cannot change the masks any more."""
+        return all(
+            m is not None and int(m.sum()) >= b
+            for m, b in zip(self.used.values(), self.budgets, strict=True)
+        )
 
 
 class BiLevel(Watermark):
     """Yang et al.'s bi-level robust watermark (Algorithm 1), verified by a binomial test."""
 
     name = "bilevel"
+    kind = "robust"
     Config = BiLevelConfig
+    presets = {
+        # digits 8x8 and the zoo's _tiny_cnn (1418 parameters): 10% per layer, large steps
+        "smoke": {
+            "keys": 8,
+            "phases": 2,
+            "inner_steps": 1,
+            "steps": 60,
+            "learning_rate": 0.05,
+            "trade_off": 0.5,
+            "top_fraction": 0.1,
+            "mask_samples": 128,
+        },
+        # reproduce bilevel --preset quick: LeNet5 on Fashion-MNIST, 20 keys, lr 0.002
+        "quick": {"keys": 20, "learning_rate": 0.002},
+        # the paper's LeNet5/MNIST setting (5.1.4); CIFAR-size models: keys 60, lr 0.02
+        "paper": {"keys": 30, "phases": 10, "inner_steps": 3, "learning_rate": 0.002},
+    }
 
     def _layers(self, model: keras.Model) -> list[keras.layers.Layer]:
         layers = kernel_layers(model)
@@ -664,25 +651,7 @@ class BiLevel(Watermark):
             raise UserError(f"model {model.name!r} has no layer with a kernel to watermark")
         return layers
 
-    def _check(self, model: keras.Model, data) -> None:
-        for name in ("x_train", "y_train", "x_test"):
-            if not hasattr(data, name):
-                raise UserError(
-                    "bi-level embedding needs a Dataset (training data and a held-out pool)"
-                )
-        if tuple(model.input_shape[1:]) != tuple(data.x_train.shape[1:]):
-            raise UserError(
-                f"the model expects inputs of shape {tuple(model.input_shape[1:])} but the data "
-                f"has {tuple(data.x_train.shape[1:])}"
-            )
-        classes = model.output_shape[-1]
-        if classes < 2:
-            raise UserError("a watermark needs a classifier with at least two classes")
-        if len(data.y_train) and int(np.max(data.y_train)) >= classes:
-            raise UserError(
-                f"the data has labels up to {int(np.max(data.y_train))} but the model has "
-                f"{classes} classes"
-            )
+    def _check(self, data) -> None:
         if len(data.x_train) == 0:
             raise UserError("the training data D_tr is empty")
         if len(data.x_test) < self.config.keys:
@@ -729,151 +698,158 @@ class BiLevel(Watermark):
         """Eq. 6 per layer; sets the embedder's masks; returns the literal intersection sizes."""
         sample = rng.choice(len(x_tr), size=min(self.config.mask_samples, len(x_tr)), replace=False)
         masks = embedder.eq6(exemplars.numpy(), targets, x_tr[sample], y_tr[sample], used)
-        sizes = []
+        sizes, per_slot = [], {}
         for (layer, _), (flat, per_variable, size) in zip(embedder.groups, masks, strict=True):
             used[id(layer)] = flat
             sizes.append(size)
-            for slot, mask in per_variable:
-                embedder.masks[slot].assign(mask)
+            per_slot.update(dict(per_variable))
+        embedder.set_masks(per_slot)
         return sizes
 
-    def embed(
-        self,
-        model: keras.Model,
-        data,
-        *,
-        callback: Callable[[int, keras.Model], None] | None = None,
-    ) -> tuple[keras.Model, Key]:
-        """Watermark a copy of ``model`` (Algorithm 1).
+    def _phase(self, embedder, keys, targets, bounds, data, progress, rng):
+        """One outer phase: the inner loop, eq. 6, ``steps`` masked steps; returns S_M."""
+        config = self.config
+        x_tr = np.asarray(data.x_train, dtype=np.float32)
+        y_tr = np.asarray(data.y_train, dtype=np.int64)
+        keys_t, targets_t = tf.constant(keys), tf.constant(targets)
+        exemplars, first_norm = embedder.inner_loop(keys_t, targets_t, *bounds)
+        progress.hyper_norms.append(float(first_norm))
+        sizes = None  # every layer's budget is used: eq. 6 cannot change the masks
+        if not progress.full():
+            sizes = self._update_masks(embedder, exemplars, targets, x_tr, y_tr, progress.used, rng)
+        progress.literal.append(sizes)
+        batches = rng.integers(0, len(x_tr), size=(config.steps, config.batch_size))
+        embedder.masked_steps(
+            tf.constant(x_tr[batches]), tf.constant(y_tr[batches]), exemplars, targets_t
+        )
+        return exemplars
 
-        Args:
-            model: the pre-trained classifier (left untouched).
-            data: a :class:`models.Dataset`: ``x_train``/``y_train`` is D_tr,
-                ``x_test`` the held-out pool the keys come from.
-            callback: called as ``callback(phase, model)`` after every outer
-                phase (``phase`` from 1), e.g. to trace an overwriting; ``model``
-                is the working copy being marked (score it, do not keep it).
+    def _embed(self, model, data, *, hooks: tuple) -> Marked:
+        """Watermark a copy of ``model`` (Algorithm 1); hooks run after every outer phase.
 
-        Returns:
-            ``(marked_model, key)``; ``key.metadata`` holds the exact number
-            of changed parameters, the literal eq. 6 intersection sizes and
-            the masks' sizes.
+        ``key.metadata`` holds the exact number of changed parameters, the
+        literal eq. 6 intersection sizes, the masks' sizes and the hooks'
+        values per phase (``curves``).
         """
         config = self.config
-        self._check(model, data)
+        self._check(data)
         started = time.perf_counter()
         rng = np.random.default_rng(config.seed)
         embedder = self._embedder(model)
         marked = embedder.model  # a private working copy, reused by later embeddings
-
         pool = np.asarray(data.x_test, dtype=np.float32)
-        probabilities = _probabilities(embedder, pool)
-        index, targets, predictions = select_keys(probabilities, config.keys, rng, config.target)
+        index, targets, predictions = select_keys(
+            classifier.probabilities(marked, pool), config.keys, rng, config.target
+        )
         keys = pool[index]
-        low, high = tf.constant(np.min(pool)), tf.constant(np.max(pool))
-        x_tr = np.asarray(data.x_train, dtype=np.float32)
-        y_tr = np.asarray(data.y_train, dtype=np.int64)
-        keys_t, targets_t = tf.constant(keys), tf.constant(targets)
-
-        used = {id(layer): None for layer, _ in embedder.groups}
-        budgets = [_budget(config.top_fraction, embedder.group_size(k)) for k in range(len(used))]
-        literal: list[list[int] | None] = []
-        hyper_norms = []
-        exemplars = keys_t
-        phases_run = 0
+        bounds = (tf.constant(np.min(pool)), tf.constant(np.max(pool)))
+        progress = _Progress(
+            used={id(layer): None for layer, _ in embedder.groups},
+            budgets=[
+                _budget(config.top_fraction, embedder.group_size(k))
+                for k in range(len(embedder.groups))
+            ],
+            curves={hook.name: [] for hook in hooks},
+        )
+        exemplars = tf.constant(keys)
         for phase in range(1, config.phases + 1):
-            exemplars, first_norm = embedder.inner_loop(keys_t, targets_t, low, high)
-            hyper_norms.append(float(first_norm))
-            if all(
-                m is not None and int(m.sum()) >= b
-                for m, b in zip(used.values(), budgets, strict=True)
-            ):
-                sizes = None  # every layer's budget is used: eq. 6 cannot change the masks
-            else:
-                sizes = self._update_masks(embedder, exemplars, targets, x_tr, y_tr, used, rng)
-            literal.append(sizes)
-            batches = rng.integers(0, len(x_tr), size=(config.steps, config.batch_size))
-            embedder.masked_steps(
-                tf.constant(x_tr[batches]), tf.constant(y_tr[batches]), exemplars, targets_t
-            )
-            if callback is not None:
-                callback(phase, marked)
-            log.info(
-                "bilevel phase %d/%d: eq. 6 intersection %s of %d, mask %d",
-                phase,
-                config.phases,
-                "-" if sizes is None else sum(sizes),
-                sum(budgets),
-                sum(int(m.sum()) for m in used.values()),
-            )
-            phases_run = phase
-            if config.stop_when_embedded and _all_embedded(marked, keys, targets):
+            exemplars = self._phase(embedder, keys, targets, bounds, data, progress, rng)
+            for hook in hooks:
+                progress.curves[hook.name].append(hook(marked))
+            self._log_phase(phase, progress)
+            progress.phases_run = phase
+            if config.stop_when_embedded and np.all(classifier.labels(marked, keys) == targets):
                 break
-
         marked = copy_model(marked)  # the caller's own model; the working copy stays here
+        facts = {
+            "layers": [layer.name for layer, _ in embedder.groups],
+            "mask_sizes": [int(progress.used[id(layer)].sum()) for layer, _ in embedder.groups],
+            "max_exemplar_shift": float(np.max(np.abs(exemplars.numpy() - keys))),
+            "seconds": time.perf_counter() - started,
+        }
+        arrays = {
+            "original_labels": predictions,
+            "exemplars": exemplars.numpy(),
+            "pool_indices": index.astype(np.int64),
+        }
+        key = self._key(model, marked, keys, targets, progress, facts, arrays)
+        return Marked(marked, key)
+
+    def _log_phase(self, phase: int, progress: _Progress) -> None:
+        sizes = progress.literal[-1]
+        log.info(
+            "bilevel phase %d/%d: eq. 6 intersection %s of %d, mask %d",
+            phase,
+            self.config.phases,
+            "-" if sizes is None else sum(sizes),
+            sum(progress.budgets),
+            sum(int(m.sum()) for m in progress.used.values() if m is not None),
+        )
+
+    def _key(self, model, marked, keys, targets, progress, facts, arrays) -> Key:
         changed = changed_parameters(model, marked)
         total = _parameter_count(marked)
         num_classes = int(model.output_shape[-1])
-        p0 = null_probability(config.target, num_classes)
-        key = Key(
-            scheme=self.name,
-            inputs=keys,
-            labels=targets,
-            metadata={
-                "config": {**dataclasses.asdict(config), "layers": list(config.layers)},
-                "dataset": getattr(data, "name", None),
-                "num_classes": num_classes,
-                "null_probability": p0,
-                "threshold": binomial_threshold(len(keys), p0, config.alpha),
-                "changed_parameters": changed,
-                "total_parameters": total,
-                "changed_fraction": changed / total,
-                "layers": [layer.name for layer, _ in embedder.groups],
-                "budgets": budgets,
-                "mask_sizes": [int(used[id(layer)].sum()) for layer, _ in embedder.groups],
-                "intersection_sizes": literal,
-                "hypergradient_norms": hyper_norms,
-                "phases_run": phases_run,
-                "max_exemplar_shift": float(np.max(np.abs(exemplars.numpy() - keys))),
-                "seconds": time.perf_counter() - started,
-            },
-            arrays={
-                "original_labels": predictions,
-                "exemplars": exemplars.numpy(),
-                "pool_indices": index.astype(np.int64),
-            },
-        )
+        p0 = null_probability(self.config.target, num_classes)
+        metadata = {
+            "config": as_dict(self.config),
+            "num_classes": num_classes,
+            "null_probability": p0,
+            "threshold": binomial_threshold(len(keys), p0, self.config.alpha),
+            "changed_parameters": changed,
+            "total_parameters": total,
+            "changed_fraction": changed / total,
+            "budgets": progress.budgets,
+            "intersection_sizes": progress.literal,
+            "hypergradient_norms": progress.hyper_norms,
+            "phases_run": progress.phases_run,
+            "curves": progress.curves,
+            **facts,
+        }
         log.info(
             "bilevel: %d keys embedded, %d of %d parameters changed (%.3f%%) in %.1f s",
             len(keys),
             changed,
             total,
             100 * changed / total,
-            key.metadata["seconds"],
+            facts["seconds"],
         )
-        return marked, key
+        return Key(scheme=self.name, inputs=keys, labels=targets, metadata=metadata, arrays=arrays)
 
-    def verify(self, model, key: Key, *, batch_size: int = 256) -> Verification:
-        """R_auth (share of keys labelled with their target) and the binomial test against p0."""
-        key.check_fits(model)
+    def decide(self, key: Key, outputs: np.ndarray) -> Verification:
+        """R_auth (the share of keys labelled with their target) and the binomial test against p0."""
         n = len(key)
         if n == 0:
-            raise UserError("the key holds no key samples")
-        num_classes = int(key.metadata.get("num_classes", model.output_shape[-1]))
+            raise UserError("the bilevel key holds no key samples")
+        num_classes = int(key.metadata.get("num_classes", np.shape(outputs)[-1]))
         p0 = null_probability(self.config.target, num_classes)
-        predictions = np.argmax(model.predict(key.inputs, batch_size=batch_size, verbose=0), -1)
-        hits = int(np.sum(predictions == key.labels))
+        alpha = self.config.alpha
+        hits = int(np.sum(answers(outputs) == key.labels))
         p_value = binomial_p_value(hits, n, p0)
-        threshold = binomial_threshold(n, p0, self.config.alpha)
-        detected = p_value <= self.config.alpha
+        present = p_value <= alpha
         verdict = (
             f"watermark present: {hits} of {n} keys carry their target label "
-            f"(p = {p_value:.3g} <= {self.config.alpha} under Binomial({n}, {p0:.3g}))"
-            if detected
+            f"(p = {p_value:.3g} <= {alpha})"
+            if present
             else f"no watermark shown: {hits} of {n} keys carry their target label "
-            f"(p = {p_value:.3g} > {self.config.alpha})"
+            f"(p = {p_value:.3g} > {alpha})"
         )
-        return Verification(self.name, hits / n, threshold, p_value, bool(detected), verdict)
+        return Verification(
+            kind=self.kind,
+            scheme=self.name,
+            statistic=hits / n,
+            threshold=binomial_threshold(n, p0, alpha),
+            p_value=p_value,
+            present=bool(present),
+            intact=None,
+            verdict=verdict,
+            n=n,
+            null=f"Binomial({n}, {p0:.3g}): a model that never saw the keys hits each target "
+            f"with probability at most p0 ({self.config.target} targets)",
+        )
+
+
+# --------------------------------------------------------------------------- analysis helpers
 
 
 def eq6_masks(
@@ -936,113 +912,3 @@ def hypergradient_cosine(
     approx = hypergradient(model, keys, targets, dataclasses.replace(config, inner="first_order"))
     norm = float(np.linalg.norm(exact) * np.linalg.norm(approx))
     return float(np.sum(exact * approx) / norm) if norm > 0 else math.nan
-
-
-def _all_embedded(model: keras.Model, keys: np.ndarray, targets: np.ndarray) -> bool:
-    predictions = np.argmax(model.predict(keys, batch_size=256, verbose=0), -1)
-    return bool(np.all(predictions == targets))
-
-
-def _probabilities(embedder: _Embedder, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    outputs = embedder.net.predict(x, batch_size=batch_size, verbose=0)
-    if embedder.from_logits:
-        outputs = tf.nn.softmax(outputs).numpy()
-    return outputs
-
-
-def r_auth(model: keras.Model, key: Key, batch_size: int = 256) -> float:
-    """The share of the key's samples that ``model`` labels with their target label."""
-    predictions = np.argmax(model.predict(key.inputs, batch_size=batch_size, verbose=0), -1)
-    return float(np.mean(predictions == key.labels))
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _embed_command(args) -> int:
-    import models
-
-    out_model = models.loading.output_path(args.out_model, ".keras", "--out-model")
-    out_key = models.loading.output_path(args.out_key, ".npz", "--out-key")
-    options = {
-        "keys": args.keys,
-        "seed": args.seed,
-        "mask_rule": args.mask_rule,
-        "inner": args.inner,
-        "optimizer": args.optimizer,
-        "target": args.target,
-    }
-    for name in (
-        "phases",
-        "inner_steps",
-        "steps",
-        "learning_rate",
-        "trade_off",
-        "top_fraction",
-        "mask_samples",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            options[name] = value
-    scheme = BiLevel(**options)
-    model = models.load_model(args.model)
-    size, channels = model.input_shape[1], model.input_shape[-1]
-    data = models.load(
-        args.dataset,
-        data_dir=args.data_dir,
-        size=args.size,
-        channels=args.channels,
-        max_train=args.max_train,
-        seed=args.seed,
-    )
-    if tuple(data.input_shape) != tuple(model.input_shape[1:]):
-        raise UserError(
-            f"model '{args.model}' expects inputs {tuple(model.input_shape[1:])} but dataset "
-            f"'{args.dataset}' gives {data.input_shape}; pass --size {size} --channels {channels}"
-        )
-    marked, key = scheme.embed(model, data)
-    models.save_model(marked, out_model)
-    key.save(out_key)
-    meta = key.metadata
-    print(
-        f"embedded {len(key)} keys; changed {meta['changed_parameters']} of "
-        f"{meta['total_parameters']} parameters ({100 * meta['changed_fraction']:.3f}%); "
-        f"R_auth {r_auth(marked, key):.3f}"
-    )
-    print(f"wrote {out_model} and {out_key}")
-    return 0
-
-
-def add_command(subparsers) -> None:
-    """``python -m watermarks bilevel``: watermark a user's model with Algorithm 1."""
-    parser = subparsers.add_parser(
-        "bilevel",
-        help="embed Yang et al.'s bi-level robust watermark into a .keras model",
-        description=(
-            "Embed a bi-level watermark (Yang et al., ICCV 2021). D_tr is the dataset's "
-            "training split, the keys come from its test split. Verify later with "
-            "'python -m watermarks verify --model W.keras --key K.npz'."
-        ),
-    )
-    parser.add_argument("--model", required=True, help="the model to mark (.keras)")
-    parser.add_argument("--dataset", required=True, help="the data it was trained on, by name")
-    parser.add_argument("--data-dir", help="folder holding the dataset's files")
-    parser.add_argument("--size", type=int, help="resize the images to SIZE x SIZE")
-    parser.add_argument("--channels", type=int, help="1 or 3 image channels")
-    parser.add_argument("--max-train", type=int, help="use at most this many training images")
-    parser.add_argument("--keys", type=int, default=20, help="number of key samples (default 20)")
-    parser.add_argument("--phases", type=int, help="outer phases N (default 10)")
-    parser.add_argument("--inner-steps", type=int, help="inner iterations M (default 3)")
-    parser.add_argument("--steps", type=int, help="masked steps per phase (default 200)")
-    parser.add_argument("--mask-samples", type=int, help="natural examples ranked by eq. 6")
-    parser.add_argument("--learning-rate", type=float, help="0.002 MNIST-size, 0.02 CIFAR-size")
-    parser.add_argument("--trade-off", type=float, help="lambda of eq. 2")
-    parser.add_argument("--top-fraction", type=float, help="N of eq. 6 per layer (0.025)")
-    parser.add_argument("--mask-rule", default="widened", help="widened | intersection")
-    parser.add_argument("--inner", default="second_order", help="second_order | first_order")
-    parser.add_argument("--optimizer", default="adam", help="adam | sgd")
-    parser.add_argument("--target", default="runner_up", help="runner_up | random")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-model", required=True, help="where to write the marked model")
-    parser.add_argument("--out-key", required=True, help="where to write the key (.npz)")
-    parser.set_defaults(handler=_embed_command)

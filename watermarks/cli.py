@@ -35,10 +35,10 @@ def _embed(args: argparse.Namespace) -> int:
     scheme = unit_from_args(REGISTRY, args, "scheme")
     out_key = check_output(args.out_key, ".npz", "--out-key")
     out_model = check_output(args.out_model, ".keras", "--out-model") if args.out_model else None
-    if out_model is None and scheme.kind != "fragile":
+    if out_model is None and scheme.changes_model:
         raise UserError(f"scheme {scheme.name!r} changes the model; give --out-model W.keras")
     model, data = model_and_data(
-        args, trained=scheme.uses_weights, max_train=args.max_train, seed=args.seed
+        args, trained=scheme.uses_weights, max_train=args.max_train, seed=args.data_seed
     )
     marked = scheme.embed(model, data)
     marked.key.save(out_key)
@@ -85,10 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         "verification does not confirm is an error.",
     )
     add_model_arguments(embed)
-    embed.add_argument("--out-model", help="the marked model (.keras); optional for fragile")
+    embed.add_argument(
+        "--out-model", help="the marked model (.keras); optional where the scheme keeps the model"
+    )
     embed.add_argument("--out-key", required=True, help="the key (.npz)")
     embed.add_argument("--max-train", type=positive_int, help="use at most N training images")
-    embed.add_argument("--seed", type=int, default=0, help="seed of the data subset")
+    embed.add_argument("--data-seed", type=int, default=0, help="seed of the --max-train sample")
     embed.set_defaults(handler=_embed)
     verify = commands.add_parser("verify", help="verify a suspect model against a saved key")
     verify.add_argument("--model", required=True, help="the suspect model (.keras, safe mode)")

@@ -1,5 +1,7 @@
 """Malicious fine-tuning (Yin et al. 2022, section 4.2): BIM backdoor data, all or last layers."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -7,10 +9,12 @@ import pytest
 import attacks
 import attacks.malicious as malicious
 import models
+from attacks.base import Inapplicable
 from attacks.cli import main as attacks_main
 from attacks.malicious import MaliciousConfig, MaliciousFineTune, backdoor_data, last_layers
+from models import classifier
 from models.errors import UserError
-from models.training import Hook, TrainConfig, default_cache_dir
+from models.training import Hook, TrainConfig, default_cache_dir, set_caching
 
 SMALL = dict(epochs=2, backdoor_images=40, batch_size=32, max_iter=3)
 
@@ -23,24 +27,38 @@ def trained(digits):
     return model
 
 
-def test_registered_and_validated():
+@pytest.fixture(scope="module")
+def adversary(digits):
+    return digits.subset(fraction=0.3, seed=1)
+
+
+def test_registered_validated_and_presets():
     assert attacks.get("malicious_fine_tune") is MaliciousFineTune
-    with pytest.raises(UserError, match="layers"):
+    with pytest.raises(UserError, match="unknown layers 'first'"):
         MaliciousConfig(layers="first")
-    with pytest.raises(UserError, match="eps"):
+    with pytest.raises(UserError, match="eps must lie in"):
         MaliciousConfig(eps=0)
-    with pytest.raises(UserError, match="epochs"):
-        MaliciousConfig(epochs=0)
+    with pytest.raises(UserError, match="epochs must lie in"):
+        MaliciousConfig(epochs=-1)
+    with pytest.raises(UserError, match="unknown optimizer"):
+        MaliciousConfig(optimizer="rmsprop")
     with pytest.raises(UserError, match="unknown option"):
         MaliciousFineTune(lr=0.1)
+    assert MaliciousFineTune.preset_config("quick").epochs == 5
+    paper = MaliciousFineTune.preset_config("paper")
+    assert (paper.epochs, paper.backdoor_images, paper.optimizer) == (60, 1000, "auto")
+    assert MaliciousFineTune.zero_strength == {"epochs": 0, "backdoor_images": 0}
+    assert MaliciousFineTune.requires.white_box
 
 
-def test_paper_optimiser_by_model_size(trained, monkeypatch):
-    small = MaliciousConfig.paper(trained)
-    assert (small.optimizer, small.learning_rate) == ("sgd", 1e-3)
+def test_paper_optimiser_resolved_from_the_model(trained, monkeypatch):
+    config = MaliciousConfig()
+    assert config.resolved_optimizer(trained) == ("sgd", 1e-3)
     monkeypatch.setattr(malicious, "LARGE_MODEL_PARAMETERS", 10)
-    large = MaliciousConfig.paper(trained, epochs=3)
-    assert (large.optimizer, large.learning_rate, large.epochs) == ("adam", 1e-5, 3)
+    assert config.resolved_optimizer(trained) == ("adam", 1e-5)
+    recipe = MaliciousConfig(epochs=3, learning_rate=1e-4).train_config(trained)
+    assert (recipe.optimizer, recipe.learning_rate, recipe.epochs) == ("adam", 1e-4, 3)
+    assert MaliciousConfig(optimizer="sgd").resolved_optimizer(trained) == ("sgd", 1e-3)
 
 
 @pytest.mark.parametrize(
@@ -74,29 +92,36 @@ def test_last_layers_of_a_plain_sequential():
     assert last_layers(model) == ["h", "out"]
 
 
-def test_backdoor_data_is_bim_within_eps(trained, digits):
+def test_backdoor_data_is_bim_within_eps_and_cached_while_caching_is_on(trained, adversary):
     config = MaliciousConfig(**SMALL, target_class=3)
-    x_bd, y_bd, source = backdoor_data(trained, digits.x_train, digits.y_train, config)
+    folder = default_cache_dir() / "malicious_bim"
+    cached = len(list(folder.glob("*.npz")))
+    set_caching(False)
+    try:
+        x_bd, y_bd, source = backdoor_data(trained, adversary, config)
+    finally:
+        set_caching(True)
+    assert len(list(folder.glob("*.npz"))) == cached
     assert x_bd.shape == (40, 8, 8, 1) and set(y_bd.tolist()) == {3}
-    assert not np.any(digits.y_train[source] == 3)
-    delta = np.abs(x_bd - digits.x_train[source])
+    assert not np.any(adversary.y_train[source] == 3)
+    delta = np.abs(x_bd - adversary.x_train[source])
     assert delta.max() <= config.eps + 1e-5 and delta.max() > 0
     assert x_bd.min() >= 0.0 and x_bd.max() <= 1.0
-    first = backdoor_data(trained, digits.x_train, digits.y_train, config, cache=True)[0]
-    again = backdoor_data(trained, digits.x_train, digits.y_train, config, cache=True)[0]
+    first = backdoor_data(trained, adversary, config)[0]
+    assert len(list(folder.glob("*.npz"))) == cached + 1
+    again = backdoor_data(trained, adversary, config)[0]
     np.testing.assert_array_equal(first, x_bd)
     np.testing.assert_array_equal(again, x_bd)
-    assert list((default_cache_dir() / "malicious_bim").glob("*.npz"))
 
 
-def test_last_layer_attack_trains_only_the_last_layers(trained, digits):
+def test_last_layer_attack_trains_only_the_last_layers(trained, adversary):
     before = trained.get_weights()
     attack = MaliciousFineTune(layers="last", **SMALL)
-    metric = Hook("probe", lambda m: 0.5)
-    run = attack.run(trained, digits, callbacks=[metric])
+    removal = attack.remove(trained, adversary, hooks=[Hook("probe", lambda m: 0.5)])
+    model, info = removal.model, removal.info
     assert all(np.array_equal(a, b) for a, b in zip(before, trained.get_weights(), strict=True))
-    assert run.trained_layers == ["fc1", "logits", "predictions"]
-    for layer in run.model.layers:
+    assert info["trained_layers"] == ["fc1", "logits", "predictions"]
+    for layer in model.layers:
         same = all(
             np.array_equal(a, b)
             for a, b in zip(
@@ -104,15 +129,20 @@ def test_last_layer_attack_trains_only_the_last_layers(trained, digits):
             )
         )
         if layer.weights:
-            assert same == (layer.name not in run.trained_layers), layer.name
-    assert run.result.history["probe"] == [0.5, 0.5]
-    assert 0.0 <= run.backdoor_success() <= 1.0
-    assert run.model.input_shape == trained.input_shape
-    assert run.model.output_shape == trained.output_shape
+            assert same == (layer.name not in info["trained_layers"]), layer.name
+    assert info["curves"] == {"probe": [0.5, 0.5]}
+    assert (info["optimizer"], info["learning_rate"], info["epochs_run"]) == ("sgd", 1e-3, 2)
+    assert len(info["history"]["loss"]) == 2 and "probe" not in info["history"]
+    x_bd, y_bd, _ = backdoor_data(trained, adversary, attack.config)
+    assert info["backdoor_success"] == classifier.accuracy(model, x_bd, y_bd)
+    assert info["backdoor_images"] == 40 and info["clean_images"] == len(adversary.y_train)
+    json.dumps(info)  # JSON-able, as the command's --info writes it
+    assert model.input_shape == trained.input_shape
+    assert model.output_shape == trained.output_shape
 
 
-def test_all_layer_attack_changes_every_weighted_layer(trained, digits):
-    model = MaliciousFineTune(layers="all", **SMALL).remove(trained, digits)
+def test_all_layer_attack_changes_every_weighted_layer(trained, adversary):
+    model = MaliciousFineTune(layers="all", **SMALL).remove(trained, adversary).model
     for layer in model.layers:
         if layer.weights:
             assert not all(
@@ -123,28 +153,38 @@ def test_all_layer_attack_changes_every_weighted_layer(trained, digits):
             ), layer.name
 
 
-def test_too_few_images_is_a_user_error(trained, digits):
-    with pytest.raises(UserError, match="backdoor_images"):
-        MaliciousFineTune(backdoor_images=10**6).run(trained, digits)
-
-
-def test_cli_on_a_user_model(tmp_path, capsys):
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
+def test_zero_strength_is_a_no_op(trained, adversary):
+    attack = MaliciousFineTune.from_preset("smoke", **MaliciousFineTune.zero_strength)
+    removal = attack.remove(trained, adversary)
+    np.testing.assert_array_equal(
+        classifier.predict(removal.model, adversary.x_test),
+        classifier.predict(trained, adversary.x_test),
     )
-    model.save(tmp_path / "user.keras")
-    out = tmp_path / "attacked.keras"
-    argv = ["malicious", "--model", str(tmp_path / "user.keras"), "--dataset", "digits"]
-    argv += ["--epochs", "1", "--backdoor-images", "20", "--layers", "last", "--out", str(out)]
-    assert attacks_main(argv) == 0
-    assert out.is_file() and "backdoor success" in capsys.readouterr().out
+    assert removal.info["backdoor_success"] is None and removal.info["epochs_run"] == 0
+
+
+def test_too_few_images_is_inapplicable(trained, adversary):
+    attack = MaliciousFineTune(backdoor_images=10**6)
+    assert "outside target_class 0" in attack.applicable(trained, adversary)
+    with pytest.raises(Inapplicable, match="backdoor_images"):
+        attack.remove(trained, adversary)
+    with pytest.raises(Inapplicable, match="target_class 12 is not a class"):
+        MaliciousFineTune(target_class=12).remove(trained, adversary)
+
+
+def test_cli_on_a_user_model(trained, tmp_path, capsys):
+    trained.save(tmp_path / "user.keras")
+    out, info = tmp_path / "attacked.keras", tmp_path / "info.json"
+    argv = ["remove", "--attack", "malicious_fine_tune", "--preset", "smoke", "--dataset", "digits"]
+    argv += ["--model", str(tmp_path / "user.keras"), "--layers", "last", "--max-train", "400"]
+    assert attacks_main([*argv, "--out", str(out), "--info", str(info)]) == 0
+    assert out.is_file() and "test accuracy" in capsys.readouterr().out
     assert models.load_model(out).output_shape == (None, 10)
-    bad = ["malicious", "--model", str(tmp_path / "none.keras"), "--dataset", "digits"]
-    assert attacks_main([*bad, "--out", str(tmp_path / "x.keras")]) == 2
+    facts = json.loads(info.read_text())
+    assert facts["layers"] == "last" and facts["backdoor_images"] == 40
+    bad = ["remove", "--attack", "malicious_fine_tune", "--dataset", "digits", "--model"]
+    bad += [str(tmp_path / "none.keras"), "--out", str(tmp_path / "x.keras")]
+    assert attacks_main(bad) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+    assert not (tmp_path / "x.keras").exists()

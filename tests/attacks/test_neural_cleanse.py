@@ -1,4 +1,4 @@
-"""Neural Cleanse: the MAD test, the trigger algebra, detection of a planted backdoor, the CLI."""
+"""Neural Cleanse: the MAD test, the trigger algebra, detection, caching, unlearning, the CLI."""
 
 import json
 
@@ -8,14 +8,17 @@ import pytest
 
 import models
 from attacks import cli
+from attacks import neural_cleanse as nc
 from attacks.neural_cleanse import (
+    NeuralCleanse,
     NeuralCleanseConfig,
     NeuralCleanseResult,
     anomaly_indices,
+    detect,
     reverse_engineer,
 )
 from models import classifier
-from models.training import TrainConfig
+from models.training import Hook, TrainConfig, set_caching
 
 TARGET = 0
 
@@ -65,10 +68,10 @@ def _result(masks, patterns, l1=None):
 def test_anomaly_index_on_known_numbers():
     norms = [1.0, 2.0, 3.0, 4.0, 100.0]  # median 3, |deviations| 2 1 0 1 97, their median 1
     expected = np.array([2.0, 1.0, 0.0, 1.0, 97.0]) / 1.4826
-    np.testing.assert_allclose(anomaly_indices(norms), expected)
+    np.testing.assert_allclose(anomaly_indices(norms), expected, rtol=1e-5)
     # median 100, |deviations| 50 10 0 10 0 5 5, their median 5
     norms = np.array([50.0, 90.0, 100.0, 110.0, 100.0, 95.0, 105.0])
-    assert anomaly_indices(norms)[0] == pytest.approx(50.0 / (1.4826 * 5.0))
+    assert anomaly_indices(norms)[0] == pytest.approx(50.0 / (1.4826 * 5.0), rel=1e-5)
     # MAD 0: on the median 0, off it infinite
     np.testing.assert_array_equal(anomaly_indices([5.0, 5.0, 5.0, 1.0]), [0.0, 0.0, 0.0, np.inf])
 
@@ -182,7 +185,7 @@ def test_json_round_trip(tmp_path):
     rng = np.random.default_rng(2)
     result = _result(rng.random((4, 3, 3)), rng.random((4, 3, 3, 1)), [1.0, 1.0, 1.0, 0.5])
     assert np.isinf(result.anomaly_indices[3])
-    path = result.save_json(tmp_path / "sub" / "nc.json")
+    path = result.save_json(tmp_path / "nc.json")
     assert [p.name for p in path.parent.iterdir()] == ["nc.json"]  # no staging file left
     raw = json.loads(path.read_text())  # strict JSON: infinity is written as null
     assert raw["anomaly_indices"][3] is None and raw["flagged"] == [3]
@@ -195,6 +198,92 @@ def test_json_round_trip(tmp_path):
     assert back.most_suspicious() == result.most_suspicious() == 3
     with pytest.raises(models.UserError):
         NeuralCleanseResult.from_json('{"l1_norms": [1]}')
+
+
+def test_a_result_is_cached_by_model_images_and_config(backdoored, digits, monkeypatch):
+    x, y = digits.x_test[:96], digits.y_test[:96]
+    config = NeuralCleanseConfig(steps=3, mini_batches=2, seed=11)
+    first = reverse_engineer(backdoored, x, config, y_clean=y)
+
+    def no_second_run(*args, **kwargs):
+        raise AssertionError("Neural Cleanse ran twice on the same model, images and config")
+
+    monkeypatch.setattr(nc, "_optimise", no_second_run)
+    again = reverse_engineer(backdoored, x, config, y_clean=y)
+    np.testing.assert_array_equal(again.masks, first.masks)
+    np.testing.assert_array_equal(again.anomaly_indices, first.anomaly_indices)
+    assert again.flagged == first.flagged and again.seconds == first.seconds
+    # another config, other images or caching off: it runs
+    for changed in (
+        lambda: reverse_engineer(backdoored, x, NeuralCleanseConfig(steps=4, seed=11), y_clean=y),
+        lambda: reverse_engineer(backdoored, x[:95], config, y_clean=y[:95]),
+    ):
+        with pytest.raises(AssertionError, match="ran twice"):
+            changed()
+    set_caching(False)
+    try:
+        with pytest.raises(AssertionError, match="ran twice"):
+            reverse_engineer(backdoored, x, config, y_clean=y)
+    finally:
+        set_caching(True)
+
+
+def test_a_model_on_another_input_range_gets_the_same_triggers(backdoored, digits):
+    """The backdoored model behind a Rescaling(1/255): fed [0, 255], it must give the same triggers."""
+    inputs = keras.Input(digits.input_shape)
+    rescaled = keras.layers.Rescaling(1 / 255)(inputs)
+    wrapped = keras.Model(inputs, backdoored(rescaled))
+    config = NeuralCleanseConfig(steps=20)
+    wide = digits.with_input_range(0, 255)
+    plain = detect(backdoored, digits, config, split="test")
+    scaled = detect(wrapped, wide, config, split="test")
+    assert scaled.most_suspicious() == plain.most_suspicious() == TARGET
+    np.testing.assert_allclose(scaled.l1_norms, plain.l1_norms, rtol=0.05)
+    # the triggers stamp images of either range the same way
+    stamped = scaled.apply(wide.x_test[:5], TARGET, data=wide)
+    np.testing.assert_allclose(stamped / 255, scaled.apply(digits.x_test[:5], TARGET), atol=1e-5)
+
+
+def test_a_model_with_nan_outputs_is_refused(digits):
+    models.seed_everything(0)
+    broken = models.build("_tiny_cnn", digits.input_shape, digits.num_classes)
+    broken.set_weights([np.full_like(w, np.nan) for w in broken.get_weights()])
+    with pytest.raises(models.UserError, match="not finite"):
+        reverse_engineer(broken, digits.x_test[:32], NeuralCleanseConfig(steps=1))
+
+
+def _wm_accuracy(model, digits):
+    keep = digits.y_test != TARGET
+    return classifier.accuracy(model, stamp(digits.x_test[keep]), np.full(keep.sum(), TARGET))
+
+
+def test_unlearning_removes_the_planted_backdoor(backdoored, digits):
+    adversary = digits.subset(fraction=0.2, seed=1)
+    attack = NeuralCleanse.from_preset("smoke", **{"detection.steps": 20})
+    hook = Hook("wm", lambda m: _wm_accuracy(m, digits))
+    removal = attack.remove(backdoored, adversary, hooks=[hook])
+    info = removal.info
+    assert info["detection"]["most_suspicious"] == TARGET
+    assert TARGET in info["detection"]["flagged"]
+    assert info["unlearned_classes"] == [TARGET]
+    assert info["stamped"] == round(0.2 * len(adversary.y_train))
+    assert len(info["curves"]["wm"]) == 1 == info["epochs_run"]
+    json.dumps(info, allow_nan=False)  # JSON-able
+    assert _wm_accuracy(backdoored, digits) > 0.9
+    assert _wm_accuracy(removal.model, digits) < 0.3
+    assert classifier.accuracy(removal.model, digits.x_test, digits.y_test) > 0.85
+
+
+def test_the_papers_defender_does_nothing_when_no_class_is_flagged(backdoored, digits, monkeypatch):
+    found = reverse_engineer(backdoored, digits.x_test[:64], NeuralCleanseConfig(steps=1))
+    quiet = NeuralCleanseResult(**{**found.__dict__, "flagged": ()})
+    monkeypatch.setattr(nc, "detect", lambda *args, **kwargs: quiet)
+    removal = NeuralCleanse(unlearn="flagged").remove(backdoored, digits)
+    assert removal.info["unlearned_classes"] == [] and removal.info["stamped"] == 0
+    np.testing.assert_array_equal(
+        classifier.predict(removal.model, digits.x_test),
+        classifier.predict(backdoored, digits.x_test),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -243,17 +332,46 @@ def test_cli_refuses_bad_input_with_exit_2(user_model, tmp_path, capsys):
     wrong_shape.save(wrong_path)
     corrupt = tmp_path / "corrupt.keras"
     corrupt.write_bytes(b"not a zip")
+    nan_model = keras.models.load_model(user_model)
+    nan_model.set_weights([np.full_like(w, np.nan) for w in nan_model.get_weights()])
+    nan_path = tmp_path / "nan.keras"
+    nan_model.save(nan_path)
     cases = {
         "missing": ["--model", str(tmp_path / "nope.keras"), "--dataset", "digits"],
         "corrupt": ["--model", str(corrupt), "--dataset", "digits"],
         "lambda": ["--model", str(lambda_path), "--dataset", "digits"],
         "dataset": ["--model", str(user_model), "--dataset", "cifar"],
         "shape": ["--model", str(wrong_path), "--dataset", "digits"],
+        "nan": ["--model", str(nan_path), "--dataset", "digits"],
+        "steps": ["--model", str(user_model), "--dataset", "digits", "--steps", "0"],
     }
     for name, args in cases.items():
         out = tmp_path / f"{name}.json"
-        status = cli.main(["neural-cleanse", *args, "--steps", "1", "--out", str(out)])
+        status = cli.main(["neural-cleanse", "--steps", "1", *args, "--out", str(out)])
         err = capsys.readouterr().err.strip()
         assert status == 2, name
         assert err.startswith("error:") and "\n" not in err, (name, err)
         assert not out.exists()
+    assert "not finite" in _error(cli, ["--model", str(nan_path)], tmp_path, capsys)
+
+
+def _error(cli, model_args, tmp_path, capsys) -> str:
+    argv = ["neural-cleanse", *model_args, "--dataset", "digits", "--steps", "1"]
+    assert cli.main([*argv, "--out", str(tmp_path / "x.json")]) == 2
+    return capsys.readouterr().err.strip()
+
+
+def test_cli_checks_out_before_any_work(tmp_path, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(models, "load_model", no_work)
+    argv = ["neural-cleanse", "--model", str(tmp_path / "m.keras"), "--dataset", "digits"]
+    for out, message in (
+        (tmp_path / "missing" / "nc.json", "does not exist"),
+        (tmp_path / "nc.txt", "must end in .json"),
+        (tmp_path, "must end in .json"),
+    ):
+        assert cli.main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err

@@ -9,23 +9,25 @@ import pytest
 import models
 import watermarks
 from models.errors import UserError
-from models.training import TrainConfig
-from watermarks.base import Key
+from models.training import TrainConfig, default_cache_dir, set_caching
+from tests.conftest import weights_equal
+from watermarks.base import EmbeddingFailed, Key
 from watermarks.cli import main as watermarks_main
 from watermarks.fragile import (
     FragileConfig,
+    FragileFineTune,
+    FragileFineTuneConfig,
     FragileTrigger,
     build_generator,
     fragile_loss,
+    fragility_check,
     generator_from_key,
     regenerate,
     secret_key,
     softmax_variance,
-    trigger_accuracy,
     trigger_margins,
+    trigger_report,
 )
-
-FAST = dict(n=30, epochs=40, max_epochs=120, width=16, learning_rate=3e-3)
 
 
 @pytest.fixture(scope="module")
@@ -37,28 +39,50 @@ def classifier(digits):
 
 
 @pytest.fixture(scope="module")
-def full_key(classifier, digits):
+def marked(classifier, digits):
     before = [w.copy() for w in classifier.get_weights()]
-    returned, key = FragileTrigger(**FAST).embed(classifier, digits)
-    after = classifier.get_weights()
-    assert returned is classifier
-    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
-    return key
+    result = FragileTrigger.from_preset("smoke").embed(classifier, digits)
+    assert result.model is classifier  # the marked model is the original object
+    assert all(np.array_equal(a, b) for a, b in zip(before, classifier.get_weights(), strict=True))
+    return result
+
+
+@pytest.fixture(scope="module")
+def full_key(marked):
+    return marked.key
 
 
 def test_registered_and_config_validated():
-    assert "fragile" in watermarks.names()
+    assert {"fragile", "fragile_finetune"} <= set(watermarks.names())
     assert watermarks.get("fragile") is FragileTrigger
-    with pytest.raises(UserError, match="fragile variant"):
+    assert watermarks.get("fragile_finetune") is FragileFineTune
+    assert FragileTrigger.kind == FragileFineTune.kind == "fragile"
+    with pytest.raises(UserError, match="unknown variant 'half'"):
         FragileConfig(variant="half")
-    with pytest.raises(UserError, match="generator"):
+    with pytest.raises(UserError, match="unknown generator"):
         FragileConfig(generator="gan")
-    with pytest.raises(UserError, match="a must be"):
+    with pytest.raises(UserError, match="a must lie in"):
         FragileConfig(a=-1.0)
     with pytest.raises(UserError, match="max_epochs"):
         FragileConfig(epochs=10, max_epochs=5)
+    with pytest.raises(UserError, match="threshold must lie in"):
+        FragileConfig(threshold=0.0)
+    with pytest.raises(UserError, match="max_epochs"):
+        FragileFineTuneConfig(epochs=10, max_epochs=5)
     with pytest.raises(UserError, match="unknown option"):
         FragileTrigger(alpha=3)
+
+
+def test_presets():
+    quick = FragileTrigger.preset_config("quick")
+    # what python -m reproduce fragile --preset quick trains its G_full with
+    assert (quick.n, quick.a, quick.generator, quick.width) == (100, 200.0, "conv", 64)
+    assert (quick.epochs, quick.max_epochs, quick.margin) == (60, 180, 0.05)
+    paper = FragileTrigger.preset_config("paper")
+    assert (paper.generator, paper.epochs, paper.n, paper.a) == ("progressive", 300, 100, 200.0)
+    baseline = FragileFineTune.preset_config("quick")
+    assert (baseline.repeats, baseline.epochs, baseline.learning_rate) == (10, 3, 1e-3)
+    assert (baseline.generator, baseline.width, baseline.n) == (quick.generator, quick.width, 100)
 
 
 def test_secret_key_and_variance_definitions():
@@ -92,19 +116,20 @@ def test_generators_make_the_input_shape(kind, shape):
     assert out.min() >= -1.0 and out.max() <= 1.0
 
 
-def test_key_holds_what_the_paper_says(full_key, classifier):
+def test_key_holds_what_the_paper_says(full_key, classifier, digits):
     assert full_key.scheme == "fragile"
     assert full_key.inputs.shape == (30, 8, 8, 1)
     assert full_key.labels.tolist() == secret_key(30, 10).tolist()
     meta = full_key.metadata
     assert meta["a"] == 200.0 and meta["seed"] == 0 and meta["variant"] == "full"
-    assert meta["fit_for_verification"] is True
+    assert meta["fit_for_verification"] is True and meta["dataset"] == "digits"
     assert full_key.arrays["z"].shape == (30, 512)
     assert full_key.inputs.min() >= 0.0 and full_key.inputs.max() <= 1.0
     # G_full spreads the softmax: far from one-hot, and every trigger takes its key
     assert meta["mean_max_softmax"] < 0.6
-    assert trigger_accuracy(classifier, full_key.inputs, full_key.labels) == 1.0
-    assert trigger_margins(classifier, full_key.inputs, full_key.labels).min() > 1e-3
+    accuracy, gaps = trigger_report(classifier, full_key.inputs, full_key.labels)
+    assert accuracy == 1.0 and gaps.min() > 1e-3
+    np.testing.assert_allclose(gaps, trigger_margins(classifier, full_key.inputs, full_key.labels))
 
 
 def test_generator_regenerates_the_triggers(full_key, tmp_path):
@@ -114,22 +139,38 @@ def test_generator_regenerates_the_triggers(full_key, tmp_path):
     assert generator_from_key(loaded).count_params() > 0
 
 
-def test_same_seed_same_triggers(classifier, digits, full_key):
-    _, again = FragileTrigger(**FAST).embed(classifier, digits)
+def test_same_seed_same_triggers_and_the_cache_follows_the_switch(classifier, digits, full_key):
+    cached = sorted((default_cache_dir() / "fragile").glob("*.npz"))
+    assert cached  # the fixture's embed stored its key (caching is on by default)
+    set_caching(False)
+    try:
+        again = FragileTrigger.from_preset("smoke").trigger_set(classifier, digits)
+    finally:
+        set_caching(True)
     np.testing.assert_array_equal(again.inputs, full_key.inputs)
+    assert sorted((default_cache_dir() / "fragile").glob("*.npz")) == cached
+
+
+def test_verification_is_the_exact_match_rule(classifier, full_key):
+    result = watermarks.verify(classifier, full_key)  # dispatch by key.scheme, config from key
+    assert result.kind == "fragile" and result.scheme == "fragile"
+    assert result.statistic == 1.0 and result.threshold == 1.0 and result.intact
+    assert result.present is None and np.isnan(result.p_value) and result.n == 30
+    assert "exact match" in result.null and result.label == "intact"
+    outputs = classifier.predict(full_key.inputs, verbose=0)
+    outputs[4] = np.nan  # a refused query never matches its key
+    refused = FragileTrigger.from_preset("smoke").decide(full_key, outputs)
+    assert refused.statistic == pytest.approx(29 / 30) and not refused.intact
+    assert "1 of 30 triggers changed label" in refused.verdict
 
 
 def test_no_false_alarm_after_round_trip_and_batch_sizes(classifier, full_key, tmp_path):
-    classifier.save(tmp_path / "m.keras")
-    loaded = models.load_model(tmp_path / "m.keras")
-    scheme = FragileTrigger(**FAST)
-    for model in (classifier, loaded):
-        for batch_size in (1, 30, 256):
-            result = scheme.verify(model, full_key, batch_size=batch_size)
-            assert result.accuracy == 1.0 and result.detected
-            assert result.verdict.startswith("unmodified")
-    result = watermarks.verify(loaded, full_key)  # dispatch by key.scheme, config from metadata
-    assert result.threshold == 1.0 and result.detected and np.isnan(result.p_value)
+    rows = fragility_check(classifier, {"G_full": full_key}, tmp_path)
+    row = rows["G_full"]
+    assert row["acctri"] == row["acctri_roundtrip_batch1"] == row["acctri_roundtrip_batch30"] == 1.0
+    assert row["acctri_repeat"] == 1.0 and row["fit_for_verification"] is True
+    assert row["variant"] == "full" and row["min_logit_gap"] > 1e-3
+    assert (tmp_path / f"{classifier.name}.keras").is_file()
 
 
 def test_modification_is_detected(classifier, full_key):
@@ -139,14 +180,14 @@ def test_modification_is_detected(classifier, full_key):
     bias = bias.copy()
     bias[3] += 2.0  # a small change to one class's bias: the flat triggers move to class 3
     tampered.get_layer("logits").set_weights([kernel, bias])
-    result = FragileTrigger(**FAST).verify(tampered, full_key)
-    assert result.accuracy < 1.0 and not result.detected
-    assert result.verdict.startswith("modified")
+    result = watermarks.verify(tampered, full_key)
+    assert result.statistic < 1.0 and not result.intact and result.label == "modified"
+    assert "triggers changed label" in result.verdict
 
 
 def test_variants_give_table3_shapes(classifier, digits, full_key):
-    _, cla = FragileTrigger(variant="cla", **FAST).embed(classifier, digits)
-    _, non = FragileTrigger(variant="non", **FAST).embed(classifier, digits)
+    cla = FragileTrigger.from_preset("smoke", variant="cla").trigger_set(classifier, digits)
+    non = FragileTrigger.from_preset("smoke", variant="non").trigger_set(classifier, digits)
     # G_cla: near one-hot; G_full: spread (Table 3), after the same few steps
     assert cla.metadata["mean_max_softmax"] > 0.8
     assert cla.metadata["mean_max_softmax"] > full_key.metadata["mean_max_softmax"] + 0.3
@@ -154,6 +195,16 @@ def test_variants_give_table3_shapes(classifier, digits, full_key):
     # G_non's key is what the classifier says about its triggers, not Y_sk
     predicted = np.argmax(classifier.predict(non.inputs, verbose=0), axis=1)
     assert non.labels.tolist() == predicted.tolist()
+
+
+def test_a_key_unfit_for_verification_is_refused(classifier, digits):
+    options = dict(epochs=3, max_epochs=3, min_margin=100.0)  # no trigger can clear that gap
+    scheme = FragileTrigger.from_preset("smoke", **options)
+    with pytest.raises(EmbeddingFailed, match="smallest logit gap .* not above min_margin 100"):
+        scheme.embed(classifier, digits)
+    key = scheme.trigger_set(classifier, digits)  # the study path still gives it
+    assert key.metadata["fit_for_verification"] is False
+    assert "unfit for verification" in scheme.verify(classifier, key).verdict
 
 
 def test_key_for_another_shape_is_refused(full_key):
@@ -164,22 +215,31 @@ def test_key_for_another_shape_is_refused(full_key):
         FragileTrigger().verify(other, full_key)
 
 
+def test_fine_tuning_baseline_changes_the_weights_and_learns_g_non(classifier, digits, full_key):
+    before = [w.copy() for w in classifier.get_weights()]
+    result = FragileFineTune.from_preset("smoke").embed(classifier, digits)
+    assert result.model is not classifier
+    assert all(np.array_equal(a, b) for a, b in zip(before, classifier.get_weights(), strict=True))
+    assert not weights_equal(result.model, classifier)
+    key = result.key
+    assert key.scheme == "fragile_finetune" and key.labels.tolist() == secret_key(10, 10).tolist()
+    assert 3 <= key.metadata["epochs_run"] <= 40
+    assert watermarks.verify(result.model, key).intact
+    assert not watermarks.verify(classifier, key).intact  # the original never learnt them
+    # its triggers are G_non's: the untrained generator of the same seed and shape
+    non = FragileTrigger(n=10, width=16, variant="non").trigger_set(classifier, digits)
+    np.testing.assert_array_equal(key.inputs, non.inputs)
+
+
 # --------------------------------------------------------------------------- command line
 
 
-def _user_model(path, shape=(8, 8, 1)):
-    """A plain (untrained) Sequential the suite did not make, saved as .keras."""
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input(shape),
-            keras.layers.Conv2D(4, 3, activation="relu"),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-    model.save(path)
-    return path
+def _exit_code(argv) -> int:
+    """The status of ``python -m watermarks ARGV`` (usage errors exit through SystemExit)."""
+    try:
+        return watermarks_main(argv)
+    except SystemExit as exc:
+        return exc.code
 
 
 def _one_line(capsys):
@@ -188,55 +248,64 @@ def _one_line(capsys):
     return err[0]
 
 
-def test_cli_makes_and_verifies_a_key_for_a_user_model(tmp_path, capsys):
-    model = _user_model(tmp_path / "user.keras")
+@pytest.fixture(scope="module")
+def saved(classifier, digits, tmp_path_factory):
+    """The trained classifier and an independently trained twin, as a user's .keras files."""
+    folder = tmp_path_factory.mktemp("user")
+    classifier.save(folder / "user.keras")
+    keras.utils.set_random_seed(1)
+    twin = keras.models.clone_model(classifier)  # fresh initial weights
+    models.train(twin, digits, TrainConfig(epochs=8, batch_size=32, seed=1), verbose=0)
+    twin.save(folder / "twin.keras")
+    return folder / "user.keras", folder / "twin.keras"
+
+
+def test_cli_embeds_and_verifies_a_key_for_a_user_model(saved, tmp_path, capsys):
+    model, twin = saved
     key = tmp_path / "key.npz"
-    argv = ["fragile", "--model", str(model), "--dataset", "digits", "--n", "20", "--epochs", "40"]
-    assert watermarks_main([*argv, "--out", str(key)]) == 0
-    assert "AccTri:             1.0000" in capsys.readouterr().out
+    argv = ["embed", "--scheme", "fragile", "--preset", "smoke", "--model", str(model)]
+    assert watermarks_main([*argv, "--dataset", "digits", "--out-key", str(key)]) == 0
+    out = capsys.readouterr().out
+    assert "intact" in out and f"wrote {key}" in out
     assert watermarks_main(["verify", "--model", str(model), "--key", str(key), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["scheme"] == "fragile" and result["accuracy"] == 1.0
-    assert result["verdict"].startswith("unmodified")
-    # the same architecture with other weights is a modified model
-    keras.utils.set_random_seed(1)
-    other = keras.models.clone_model(keras.saving.load_model(model))
-    other.save(tmp_path / "other.keras")
-    assert (
-        watermarks_main(["verify", "--model", str(tmp_path / "other.keras"), "--key", str(key)])
-        == 0
-    )
-    out = capsys.readouterr().out
-    assert "verdict:   modified" in out
+    assert result["scheme"] == "fragile" and result["statistic"] == 1.0 and result["intact"]
+    assert watermarks_main(["verify", "--model", str(twin), "--key", str(key), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["intact"] is False
 
 
-@pytest.mark.parametrize("problem", ["missing", "corrupt", "shape", "bad_out", "bad_option"])
-def test_cli_bad_input_exits_2(tmp_path, capsys, full_key, problem):
-    model = _user_model(tmp_path / "user.keras")
-    key = tmp_path / "key.npz"
-    full_key.save(key)
-    if problem == "missing":
-        argv = ["verify", "--model", str(tmp_path / "nope.keras"), "--key", str(key)]
-    elif problem == "corrupt":
-        (tmp_path / "bad.keras").write_bytes(b"not a zip")
-        argv = ["fragile", "--model", str(tmp_path / "bad.keras"), "--dataset", "digits"]
-        argv += ["--out", str(tmp_path / "k2.npz")]
-    elif problem == "shape":
-        wide = _user_model(tmp_path / "wide.keras", shape=(28, 28, 1))
-        argv = ["verify", "--model", str(wide), "--key", str(key)]
+@pytest.mark.parametrize("problem", ["unfit", "bad_out", "bad_option", "shape"])
+def test_cli_bad_input_exits_2(saved, tmp_path, capsys, full_key, problem):
+    model, _ = saved
+    key = tmp_path / "k.npz"
+    embed = ["embed", "--scheme", "fragile", "--preset", "smoke", "--model", str(model)]
+    embed += ["--dataset", "digits"]
+    if problem == "unfit":
+        argv = [*embed, "--out-key", str(key), "--epochs", "3", "--max_epochs", "3"]
+        argv += ["--min_margin", "100"]
     elif problem == "bad_out":
-        argv = [
-            "fragile",
-            "--model",
-            str(model),
-            "--dataset",
-            "digits",
-            "--out",
-            str(tmp_path / "k.txt"),
-        ]
+        argv = [*embed, "--out-key", str(tmp_path / "k.txt")]
+    elif problem == "bad_option":
+        argv = [*embed, "--out-key", str(key), "--variant", "half"]
     else:
-        argv = ["fragile", "--model", str(model), "--dataset", "digits", "--variant", "half"]
-        argv += ["--out", str(tmp_path / "k3.npz")]
-    assert watermarks_main(argv) == 2
-    assert _one_line(capsys).startswith("error: ")
-    assert not (tmp_path / "k2.npz").exists() and not (tmp_path / "k3.npz").exists()
+        wide = keras.Sequential(
+            [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)]
+        )
+        wide.save(tmp_path / "wide.keras")
+        full_key.save(tmp_path / "full.npz")
+        argv = [
+            "verify",
+            "--model",
+            str(tmp_path / "wide.keras"),
+            "--key",
+            str(tmp_path / "full.npz"),
+        ]
+    expected = {
+        "unfit": "not above min_margin 100",
+        "bad_out": "must end in .npz",
+        "bad_option": "invalid choice: 'half'",
+        "shape": "the key was made for another model",
+    }[problem]
+    assert _exit_code(argv) == 2
+    assert expected in _one_line(capsys)
+    assert not key.exists()
