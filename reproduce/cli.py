@@ -24,7 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-from models.cli import OneLineParser, parse_range, positive_int, quiet_keras
+from models.cli import (
+    OneLineParser,
+    configure_logging,
+    parse_range,
+    positive_int,
+    quiet_keras,
+)
 from models.errors import EXIT_USER_ERROR, UnknownNameError, UserError
 
 log = logging.getLogger("reproduce")
@@ -307,11 +313,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_logging(args.verbose, "%(asctime)s %(name)s: %(message)s")
     if not args.verbose:
         quiet_keras()
     try:
