@@ -23,7 +23,9 @@ The cache lives in ``$WMSUITE_CACHE_DIR`` (default ``~/.cache/wmsuite``); pass
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -615,79 +617,120 @@ def train(
         )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cache_key(model, data if hasattr(data, "digest") else (x, y), config, cache_tag)
-    entry = root / "models" / key
-    meta_path = entry / "meta.json"
-    backup_dir = root / "checkpoints" / key
     compile_for_training(model, config, probability_targets=probability_targets)
     if config.epochs == 0:
         seed_everything(config.seed)
         return TrainResult(model, {}, 0.0, 0, len(x), False, key)
-    if cache and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        model.optimizer.build(model.trainable_variables)  # so its saved state loads too
-        model.load_weights(entry / "model.weights.h5")
-        seed_everything(config.seed)
-        log.info(
-            "%s: reused cached training %s (%.1f s originally)", model.name, key, meta["seconds"]
-        )
+    job = _Job(model, config, root, key, probability_targets)
+    with _exclusive(root / "locks" / f"{key}.lock"):  # Ray tasks may ask for the same training
+        if cache and (job.entry / "meta.json").is_file():
+            return job.restore()
+        extra = (list(hooks), list(callbacks))
+        return job.fit(x, y, cache, extra, snapshots, verbose)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive lock on ``path`` (``flock``): one process trains a key, the others wait.
+
+    Independent tasks (Ray's, on one machine or on storage that supports
+    ``flock``) may need the same model: the first trains it, the others then
+    find it in the cache.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class _Job:
+    """One training of :func:`train`: its model, recipe and places in the cache."""
+
+    model: keras.Model
+    config: TrainConfig
+    root: Path
+    key: str
+    probability_targets: bool
+
+    @property
+    def entry(self) -> Path:
+        return self.root / "models" / self.key
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.root / "checkpoints" / self.key
+
+    def restore(self) -> TrainResult:
+        """The finished training from the cache: weights, optimizer state, history."""
+        meta = json.loads((self.entry / "meta.json").read_text())
+        self.model.optimizer.build(self.model.trainable_variables)  # so its saved state loads too
+        self.model.load_weights(self.entry / "model.weights.h5")
+        seed_everything(self.config.seed)
+        log.info("%s: reused cached training %s (%.1f s originally)", self.model.name, self.key,
+                 meta["seconds"])  # fmt: skip
         return TrainResult(
-            model=model,
+            model=self.model,
             history=meta["history"],
             seconds=meta["seconds"],
             epochs_run=meta["epochs_run"],
             train_examples=meta["train_examples"],
             from_cache=True,
-            key=key,
-            snapshots=_snapshot_files(entry / "snapshots"),
+            key=self.key,
+            snapshots=_snapshot_files(self.entry / "snapshots"),
         )
 
-    if not cache:
-        shutil.rmtree(backup_dir, ignore_errors=True)
-    elif backup_dir.exists():
-        log.info("%s: resuming from the checkpoint in %s", model.name, backup_dir)
-    seed_everything(config.seed)
-    n_val = int(round(len(x) * config.validation_split))
-    x_fit, y_fit = (x[:-n_val], y[:-n_val]) if n_val else (x, y)
-    validation = (x[-n_val:], y[-n_val:]) if n_val else None
-    run_log = _RunLog(backup_dir / "run_log.json")
-    # hook values must be in the logs before the run log keeps them; every other
-    # callback sees the epoch only once its history is on disk (a kill there loses nothing)
-    every = [
-        *_callbacks(config, backup_dir, validated=n_val > 0),
-        *([_Snapshots(backup_dir / "snapshots")] if snapshots else []),
-        *hooks,
-        run_log,
-        *callbacks,
-    ]
-    _fit(
-        model,
-        (x_fit, y_fit),
-        validation,
-        config,
-        every,
-        _progress_verbosity() if verbose is None else verbose,
-        probability_targets,
-    )
-    epochs_run = len(run_log.history.get("loss", []))
-    meta = {
-        "model": model.name,
-        "config": dataclasses.asdict(config),
-        "history": run_log.history,
-        "seconds": run_log.seconds,
-        "epochs_run": epochs_run,
-        "train_examples": len(x_fit),
-    }
-    _write_cache_entry(entry, model, meta, backup_dir / "snapshots")
-    shutil.rmtree(backup_dir, ignore_errors=True)  # BackupAndRestore leaves the run log
-    seed_everything(config.seed)
-    log.info("%s: trained %d epochs in %.1f s", model.name, epochs_run, run_log.seconds)
-    return TrainResult(
-        model,
-        run_log.history,
-        run_log.seconds,
-        epochs_run,
-        len(x_fit),
-        False,
-        key,
-        _snapshot_files(entry / "snapshots"),
-    )
+    def fit(self, x, y, cache: bool, extra, snapshots: bool, verbose) -> TrainResult:
+        """Train (resuming from a checkpoint where one is left) and write the cache entry."""
+        hooks, callbacks = extra
+        config, backup_dir = self.config, self.backup_dir
+        if not cache:
+            shutil.rmtree(backup_dir, ignore_errors=True)
+        elif backup_dir.exists():
+            log.info("%s: resuming from the checkpoint in %s", self.model.name, backup_dir)
+        seed_everything(config.seed)
+        n_val = int(round(len(x) * config.validation_split))
+        x_fit, y_fit = (x[:-n_val], y[:-n_val]) if n_val else (x, y)
+        validation = (x[-n_val:], y[-n_val:]) if n_val else None
+        run_log = _RunLog(backup_dir / "run_log.json")
+        # hook values must be in the logs before the run log keeps them; every other
+        # callback sees the epoch only once its history is on disk (a kill there loses nothing)
+        every = [
+            *_callbacks(config, backup_dir, validated=n_val > 0),
+            *([_Snapshots(backup_dir / "snapshots")] if snapshots else []),
+            *hooks,
+            run_log,
+            *callbacks,
+        ]
+        verbosity = _progress_verbosity() if verbose is None else verbose
+        _fit(
+            self.model,
+            (x_fit, y_fit),
+            validation,
+            config,
+            every,
+            verbosity,
+            self.probability_targets,
+        )
+        return self._finish(run_log, len(x_fit))
+
+    def _finish(self, run_log: _RunLog, examples: int) -> TrainResult:
+        epochs_run = len(run_log.history.get("loss", []))
+        meta = {
+            "model": self.model.name,
+            "config": dataclasses.asdict(self.config),
+            "history": run_log.history,
+            "seconds": run_log.seconds,
+            "epochs_run": epochs_run,
+            "train_examples": examples,
+        }
+        _write_cache_entry(self.entry, self.model, meta, self.backup_dir / "snapshots")
+        shutil.rmtree(self.backup_dir, ignore_errors=True)  # BackupAndRestore leaves the run log
+        seed_everything(self.config.seed)
+        log.info("%s: trained %d epochs in %.1f s", self.model.name, epochs_run, run_log.seconds)
+        snapshot_files = _snapshot_files(self.entry / "snapshots")
+        return TrainResult(self.model, run_log.history, run_log.seconds, epochs_run, examples,
+                           False, self.key, snapshot_files)  # fmt: skip

@@ -52,8 +52,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Plan", "cell_task", "column_unit", "embed_task", "null_kinds", "null_task"]
 
+#: bump when a task's result changes shape or meaning: cached results of other versions are not read
+ENGINE_VERSION = 2
 #: columns that only transform or filter queries: the weights are untouched
 QUERY_LEVEL = ("preprocessor", "postprocessor", "poisoning_defence")
+#: the status (and verdict) of a cell whose attack does not apply to its row
+NOT_APPLICABLE = "not applicable"
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ class Plan:
         return cls(**values)
 
     def digest(self) -> str:
-        text = json.dumps(self.as_dict(), sort_keys=True)
+        text = json.dumps({**self.as_dict(), "engine": ENGINE_VERSION}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def folder(self, seed: int) -> Path:
@@ -349,7 +353,7 @@ def _cell(plan: Plan, seed: int, name: str, column: str) -> dict:
         except (Inapplicable, UserError) as exc:
             reason = str(exc)
     if reason is not None:
-        return {**row, "status": "n/a", "reason": reason}
+        return {**row, "status": NOT_APPLICABLE, "reason": reason}
     try:
         after = unit.verify(removal.model, secret)
     except UserError as exc:  # the attack broke the model (non-finite outputs)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from reproduce.engine import NOT_APPLICABLE
 from reproduce.report import Run, save_figure
 
 __all__ = ["claims", "plot", "summary", "tables"]
@@ -133,8 +134,8 @@ def _matrix(cells: list[dict], embeds, nulls, rates) -> pd.DataFrame:
 
 
 def _verdict(cell: dict, kind: str, statistic: float, threshold: float) -> str:
-    if cell["status"] == "n/a":
-        return "n/a"
+    if cell["status"] == NOT_APPLICABLE:
+        return NOT_APPLICABLE
     if cell["status"] == "broken":
         return "absent (model broken)" if kind != "fragile" else "modified (model broken)"
     if kind == "fragile":
@@ -267,7 +268,7 @@ def claims(out: Run, plan, frames: dict, config) -> None:
 
 def _with_interval(matrix: pd.DataFrame) -> int:
     table = summary(matrix)
-    return int(table["ci95_low"].notna().sum() + (table["status"] == "n/a").sum())
+    return int(table["ci95_low"].notna().sum() + (table["status"] == NOT_APPLICABLE).sum())
 
 
 def _sections(out: Run, frames: dict) -> None:
@@ -296,7 +297,7 @@ def plot(folder: Path) -> list[Path]:
     return [_heatmap(table, Path(folder)), _tradeoff(table, Path(folder))]
 
 
-_SHORT = {"present": "P", "absent": "A", "intact": "I", "modified": "M", "n/a": "n/a"}
+_SHORT = {"present": "P", "absent": "A", "intact": "I", "modified": "M", NOT_APPLICABLE: "n/a"}
 
 
 def _heatmap(table: pd.DataFrame, folder: Path) -> Path:
@@ -308,12 +309,15 @@ def _heatmap(table: pd.DataFrame, folder: Path) -> Path:
     fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(columns), 1.2 + 0.5 * len(units)))
     for row in table.itertuples():
         i, j = units.index(row.unit), columns.index(row.column)
-        if row.status != "n/a":
+        if row.status != NOT_APPLICABLE:
             grid[i, j] = np.clip(row.retention, 0, 1.2) if np.isfinite(row.retention) else np.nan
-        label = _SHORT.get(str(row.verdict).split(" ")[0], str(row.verdict)[:3])
+        label = _SHORT.get(str(row.verdict), _SHORT.get(str(row.verdict).split(" ")[0], "?"))
         if row.straddles_threshold:
             label += "?"
-        ax.text(j, i, label, ha="center", va="center", fontsize=8)
+        dark = np.isfinite(grid[i, j]) and grid[i, j] < 0.6
+        ax.text(
+            j, i, label, ha="center", va="center", fontsize=8, color="white" if dark else "black"
+        )
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("#dddddd")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1.2, aspect="auto")
@@ -331,7 +335,7 @@ def _tradeoff(table: pd.DataFrame, folder: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    ok = table[table["status"] != "n/a"]
+    ok = table[table["status"] != NOT_APPLICABLE]
     markers = "osD^v<>pPhX*"
     for k, (column, group) in enumerate(ok.groupby("column", sort=False)):
         ax.scatter(

@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# ART runs logging.config.dictConfig when first imported, which closes every logging
+# handler there is, pytest's capture of the running test included: import it here, once,
+# before any test captures anything.
+import art  # noqa: E402, F401
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
