@@ -306,6 +306,8 @@ class Run:
         if metric in self.measured:
             raise ValueError(f"metric {metric!r} measured twice")
         number = _number(value)
+        if number is not None:
+            number = float(f"{number:.6g}")  # float noise (0.05999999999999339) is not a result
         self.measured[metric] = number if number is not None or value is None else value
 
     def describe(self, **values: Any) -> None:
