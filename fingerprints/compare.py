@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from fingerprints.cae import CaeConfig, optimize, score, transferability
+from models import classifier
 from models.art import evasion_attack, to_art
 from models.errors import UserError
 
@@ -163,7 +164,7 @@ def art_examples(
     attacked = source
     if art_class == "CarliniLInfMethod":
         attacked = _logits_model(source) or source
-    classifier = to_art(
+    estimator = to_art(
         attacked, clip_values=clip_values, from_logits=None if attacked is source else True
     )
     y = None
@@ -185,7 +186,7 @@ def art_examples(
         elif unbounded is not None:
             out[eps] = _project(unbounded, x, eps, clip_values)
             continue
-        attack = evasion_attack(art_class, classifier, **chosen)
+        attack = evasion_attack(art_class, estimator, **chosen)
         generated = np.asarray(attack.generate(x=x, y=y), dtype=np.float32)
         if not takes_eps:
             unbounded = generated
@@ -209,6 +210,49 @@ def _row(method, eps, unseen_scores, generation_scores, min_conferrability, seco
         "mean_linf": float(unseen_scores.linf[adversarial].mean()) if adversarial.any() else np.nan,
         "seconds": round(seconds, 1),
     }
+
+
+def _cae_examples(source, surrogates, references, x, labels, eps_values, cae, clip_values):
+    """CAEs at every bound in one batched run (each candidate repeated per bound)."""
+    stacked = np.concatenate([x] * len(eps_values))
+    budgets = np.repeat(np.asarray(eps_values, np.float32), len(x))
+    optimised = optimize(
+        source,
+        surrogates,
+        references,
+        stacked,
+        config=dataclasses.replace(cae, batch_size=max(cae.batch_size, len(stacked))),
+        clip_values=clip_values,
+        labels=np.tile(labels, len(eps_values)),
+        eps=budgets,
+    )
+    return {eps: optimised[i * len(x) : (i + 1) * len(x)] for i, eps in enumerate(eps_values)}
+
+
+def _scored_rows(method, examples, source, generation, unseen, x, labels, level, seconds):
+    """One table row per bound: ``method``'s examples scored against both pairs of families."""
+    rows = []
+    for eps, x_adv in examples.items():
+        unseen_scores = score(source, *unseen, x_adv, x, labels)
+        generation_scores = score(source, *generation, x_adv, x, labels)
+        row = _row(method, eps, unseen_scores, generation_scores, level, seconds)
+        adv = unseen_scores.adversarial
+        for key, family in (("surrogate_transfer", unseen[0]), ("reference_transfer", unseen[1])):
+            row[key] = (
+                float(transferability(family, x_adv[adv], unseen_scores.labels[adv]).mean())
+                if adv.any()
+                else np.nan
+            )
+        rows.append(row)
+        log.info(
+            "%s eps=%.3f: %d/%d adversarial, conferrability %.3f on unseen models",
+            method,
+            eps,
+            row["adversarial"],
+            row["candidates"],
+            row["conferrability"],
+        )
+    return rows
 
 
 def compare(
@@ -247,64 +291,16 @@ def compare(
         attack_class(method)  # fail on a bad name before any work
     cae = cae or CaeConfig()
     x = np.asarray(x, dtype=np.float32)
-    labels = np.argmax(source.predict(x, verbose=0), axis=1)
+    labels = classifier.labels(source, x)
     eps_values = [float(e) for e in eps_values]
-    rows = []
-
-    def add(method: str, examples: dict[float, np.ndarray], seconds: float) -> None:
-        for eps in eps_values:
-            x_adv = examples[eps]
-            unseen_scores = score(source, *unseen, x_adv, x, labels)
-            generation_scores = score(source, *generation, x_adv, x, labels)
-            row = _row(
-                method, eps, unseen_scores, generation_scores, cae.min_conferrability, seconds
-            )
-            adv = unseen_scores.adversarial
-            for key, family in (
-                ("surrogate_transfer", unseen[0]),
-                ("reference_transfer", unseen[1]),
-            ):
-                row[key] = (
-                    float(transferability(family, x_adv[adv], unseen_scores.labels[adv]).mean())
-                    if adv.any()
-                    else np.nan
-                )
-            rows.append(row)
-            log.info(
-                "%s eps=%.3f: %d/%d adversarial, conferrability %.3f on unseen models",
-                method,
-                eps,
-                row["adversarial"],
-                row["candidates"],
-                row["conferrability"],
-            )
-
-    # CAE: every bound in one batched run (each candidate repeated per bound).
     started = time.perf_counter()
-    stacked = np.concatenate([x] * len(eps_values))
-    budgets = np.repeat(np.asarray(eps_values, np.float32), len(x))
-    optimised = optimize(
-        source,
-        *generation,
-        stacked,
-        config=dataclasses.replace(cae, batch_size=max(cae.batch_size, len(stacked))),
-        clip_values=clip_values,
-        labels=np.tile(labels, len(eps_values)),
-        eps=budgets,
-    )
-    examples = {eps: optimised[i * len(x) : (i + 1) * len(x)] for i, eps in enumerate(eps_values)}
-    add("cae", examples, time.perf_counter() - started)
-
+    examples = _cae_examples(source, generation[0], generation[1], x, labels, eps_values, cae,
+                             clip_values)  # fmt: skip
+    scoring = (source, generation, unseen, x, labels, cae.min_conferrability)
+    rows = _scored_rows("cae", examples, *scoring, time.perf_counter() - started)
     for method in methods:
         started = time.perf_counter()
-        examples = art_examples(
-            source,
-            x,
-            method,
-            eps_values,
-            clip_values=clip_values,
-            labels=labels,
-            params=(params or {}).get(method),
-        )
-        add(method, examples, time.perf_counter() - started)
+        options = dict(clip_values=clip_values, labels=labels, params=(params or {}).get(method))
+        examples = art_examples(source, x, method, eps_values, **options)
+        rows += _scored_rows(method, examples, *scoring, time.perf_counter() - started)
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -1,57 +1,56 @@
-"""Model families for fingerprinting: a source model, its surrogates and independent references.
+"""Model families for fingerprinting: surrogates distilled from the source, references on the truth.
 
-Follows the replication report of Lucas, Zhang and Kerschbaum, "Deep Neural
-Network Fingerprinting by Conferrable Adversarial Examples" (ICLR 2021) by
-F. A. Uckun (KTH, 2023), sections 1 and 2.2: the *source* is the owner's
-model; *surrogates* are trained on the source model's predicted labels (the
-thief's setting); *references* are trained independently on the ground truth.
-Both families mix architectures and seeds, and are split into the models the
-fingerprints are generated with and unseen models they are tested on. Every
-model is trained once through :func:`models.train` and its cache, with the
-report's recipe (Adam 1e-3, step schedule, ReduceLROnPlateau, EarlyStopping)
+Follows F. A. Uckun's replication report (KTH, 2023) of Lucas, Zhang and
+Kerschbaum, "Deep Neural Network Fingerprinting by Conferrable Adversarial
+Examples" (ICLR 2021), sections 1 and 2.2, as the report's released code
+builds the families (``prepare_models`` in ``cem_helper_func.py`` of the
+repository ``ayberkuckun/DNN-Fingerprinting``):
+
+- *surrogates* are distilled from the source: each trains on the source's
+  own training images with the source's full softmax output on them as
+  targets, with categorical cross-entropy (knowledge distillation at
+  temperature 1);
+- *references* train on the ground truth of the same images;
+- every member has one architecture, the source's (the report's Table 1
+  pairs a ResNet20v1 source with ResNet20v1 families);
+- each family is split into the models the fingerprints are generated with
+  and unseen models they are tested on; the report has 14 + 14 generation
+  and 5 + 5 unseen models.
+
+The families learn from the training split of the ``data`` they are given:
+the source's own training images in the report's setting. The *thief-split*
+variant gives them a part of the training set the source never saw
+(:meth:`models.Dataset.split`), as a model-extraction thief would have.
+
+Every member is trained once through :func:`models.train` and its cache,
+with the report's recipe (Adam 1e-3, ReduceLROnPlateau, EarlyStopping)
 unless the config says otherwise.
 
-Deliberate choices:
+Variants, options rather than defaults (their measured effect is in the
+reproduction's report):
 
-- The thief's data: the training set is split, with a seeded permutation,
-  into the source's images and the thief's images (disjoint). The thief labels
-  its images by querying the source; references are trained on the same
-  images with their true labels, so surrogates and references differ only in
-  who labelled their data. The report says the thief uses "the same dataset";
-  a disjoint split of it is the model-extraction setting of ART's
-  ``CopycatCNN`` and ``KnockoffNets``, and it lets the source's labels differ
-  from the ground truth where the source errs, as they do on data it never saw.
-- Besides labelling the thief's images directly (``extraction="labels"``), a
-  surrogate can be made by ART's ``CopycatCNN`` or ``KnockoffNets`` (random
-  sampling strategy), whose training call is routed through
-  :func:`models.train` so it is cached like every other model. ART's soft
-  labels (``use_probability``) are not used: the thieved copy trains on the
-  arg-max labels, as the report's thief does.
-- An option beyond the report, ``extraction="soft_labels"``: the surrogate
-  is distilled from the source (Hinton et al.'s knowledge distillation at
-  temperature 1): it trains with categorical cross-entropy on the source's
-  full softmax output on the thief's images, not on its arg-max. A thief who
-  can query the source's probabilities copies more of it, also where the
-  source and the ground truth agree; hard-label surrogates differ from the
-  references only where the source errs. It is a deviation wherever it is
-  used to reproduce the report; no preset uses it. Distilled surrogates are
-  about as confident as the source, less than hard-label ones, so at the
-  quick preset (Fashion-MNIST) they lowered the examples' highest
-  conferrability rather than raising it.
+- ``extraction="labels"``: hard-label surrogates trained on the source's
+  arg-max labels. This suite did that before, with docstrings that called it
+  the report's thief; the report's code distils.
+- ``extraction="copycat"`` / ``"knockoff"``: ART's CopycatCNN and
+  KnockoffNets (random sampling) through :func:`models.to_art`, on the
+  source's arg-max labels (ART's ``use_probability`` off), their training
+  routed through :func:`models.train` so it is cached like every member.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+import types
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 
 import models
-from fingerprints.cae import predict_probabilities
 from models import classifier
+from models.config import option, validate
 from models.errors import UnknownNameError, UserError
 from models.training import TrainConfig
 
@@ -64,20 +63,23 @@ __all__ = [
     "Member",
     "build_families",
     "describe",
-    "input_range",
     "pick_candidates",
-    "split_training_set",
-    "train_source",
 ]
 
-#: How a surrogate is made from the source: its labels on the thief's images,
-#: its softmax outputs on them (distillation), or one of ART's extraction attacks.
-EXTRACTIONS = ("labels", "soft_labels", "copycat", "knockoff")
+#: How a surrogate is made from the source: distilled from its softmax outputs
+#: (the report's code), trained on its arg-max labels, or by an ART extraction attack.
+EXTRACTIONS = ("soft_labels", "labels", "copycat", "knockoff")
 ROLES = ("surrogate", "reference")
 SPLITS = ("generation", "unseen")
-# Seeds of the members: the source has the config's seed, surrogate k has
-# seed + 1 + k, reference k has seed + _REFERENCE_SEED_OFFSET + 1 + k.
+# Seeds of the members: surrogate k has seed + 1 + k, reference k has
+# seed + _REFERENCE_SEED_OFFSET + 1 + k (k counts generation, then unseen models).
 _REFERENCE_SEED_OFFSET = 1000
+
+
+def _default_recipe() -> TrainConfig:
+    # The report's recipe at 10 epochs; its step schedule scaled to 10 epochs would cut
+    # the rate tenfold after 4, so the rate stays constant (plateau and early stopping kept).
+    return TrainConfig.cae(epochs=10, early_stopping_patience=3, lr_schedule="constant")
 
 
 @dataclass(frozen=True)
@@ -85,76 +87,41 @@ class FamilyConfig:
     """Which models make up the source's families, and how they are trained.
 
     Args:
-        architectures: zoo names the surrogates and references cycle through
-            (member k of a split has ``architectures[k % len]``).
+        architectures: zoo names of the members, cycled (member k of a split
+            has ``architectures[k % len]``); empty: fresh copies of the
+            source's own architecture (the report's setting).
         generation: surrogates (and as many references) used to generate.
-        unseen: surrogates (and as many references) kept for testing.
-        train: the training recipe of the family members.
-        recipes: per-architecture recipes that replace ``train``, as
-            ``((name, TrainConfig), ...)``.
-        source_architecture: zoo name of the source model, when the suite
-            trains it (a user's own source is given to :func:`build_families`).
-        source_train: the source's training recipe.
-        source_examples: training images of the source (None: half the set).
-        thief_examples: the thief's images, disjoint from the source's (None:
-            the rest of the training set).
-        extraction: ``"labels"``, ``"soft_labels"``, ``"copycat"`` or
-            ``"knockoff"`` (see the module docstring).
-        seed: seeds the split and, offset per member, every model.
+        unseen: surrogates (and as many references) kept out of generation:
+            the held-out null of the p-value, and the test of the method.
+        train: the training recipe of every member (its seed is the member's).
+        extraction: how surrogates are made (see the module docstring).
+        images: train on at most this many of the data's training images
+            (a class-stratified subset); None: all of them.
+        seed: offset per member, seeds every member's weights and training.
     """
 
-    architectures: tuple[str, ...] = ("lenet5", "zhang_mnist")
-    generation: int = 6
-    unseen: int = 3
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig.cae(epochs=10, early_stopping_patience=3)
+    architectures: tuple[str, ...] = option(
+        (), help="zoo models of the members, cycled (empty: copies of the source's architecture)"
     )
-    recipes: tuple[tuple[str, TrainConfig], ...] = ()
-    source_architecture: str = "zhang_mnist"
-    source_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig.cae(epochs=12, early_stopping_patience=3)
+    generation: int = option(8, low=1, help="surrogates and references used to generate")
+    unseen: int = option(5, low=0, help="surrogates and references held out of generation")
+    train: TrainConfig = option(factory=_default_recipe, help="training recipe of the members")
+    extraction: str = option(
+        "soft_labels", choices=EXTRACTIONS, help="how surrogates copy the source"
     )
-    source_examples: int | None = None
-    thief_examples: int | None = None
-    extraction: str = "labels"
-    seed: int = 0
+    images: int | None = option(None, low=2, help="training images of the members (None: all)")
+    seed: int = option(0, low=0, high=2**31, help="seed of the members")
 
     def __post_init__(self):
-        archs = tuple(self.architectures)
-        if not archs or not all(isinstance(a, str) and a for a in archs):
-            raise UserError(f"architectures must be a non-empty list of model names, got {archs!r}")
-        object.__setattr__(self, "architectures", archs)
+        validate(self)
         known = set(models.names()) | {"_tiny_cnn"}
-        for name in (*archs, self.source_architecture):
+        for name in self.architectures:
             if name not in known:
                 raise UnknownNameError("model", name, models.names())
-        recipes = tuple((str(name), recipe) for name, recipe in self.recipes)
-        for name, recipe in recipes:
-            if not isinstance(recipe, TrainConfig):
-                raise UserError(f"the recipe of {name!r} must be a TrainConfig")
-        object.__setattr__(self, "recipes", recipes)
-        for label, value, least in (("generation", self.generation, 1), ("unseen", self.unseen, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise UserError(f"{label} must be an integer >= {least}, got {value!r}")
-        for label in ("source_examples", "thief_examples"):
-            value = getattr(self, label)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 2
-            ):
-                raise UserError(f"{label} must be an integer >= 2 or None, got {value!r}")
-        if self.extraction not in EXTRACTIONS:
-            raise UnknownNameError("extraction", self.extraction, EXTRACTIONS)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise UserError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if not isinstance(self.train, TrainConfig) or not isinstance(
-            self.source_train, TrainConfig
-        ):
-            raise UserError("train and source_train must be TrainConfig objects")
 
-    def recipe(self, architecture: str, seed: int) -> TrainConfig:
-        """The recipe of a member of ``architecture``, with its own seed."""
-        recipe = dict(self.recipes).get(architecture, self.train)
-        return dataclasses.replace(recipe, seed=int(seed))
+    def architecture(self, k: int) -> str | None:
+        """The zoo name of member ``k`` of a split (None: the source's architecture)."""
+        return self.architectures[k % len(self.architectures)] if self.architectures else None
 
 
 @dataclass
@@ -165,7 +132,7 @@ class Member:
         model: the trained Keras model.
         role: ``"source"``, ``"surrogate"`` or ``"reference"``.
         split: ``"generation"``, ``"unseen"`` (or ``"source"``).
-        architecture: its zoo name (``"user"`` for a model given by the user).
+        architecture: its zoo name (``"source"``: a copy of the source's).
         seed: the seed of its initial weights and training.
         test_accuracy: its accuracy on the dataset's test split.
         train_seconds: the wall time of its training (when cached, the
@@ -216,221 +183,127 @@ class Families:
 
     @property
     def train_seconds(self) -> float:
-        return self.source.train_seconds + sum(m.train_seconds for m in self.members)
+        return sum(m.train_seconds for m in self.members)
 
 
-def input_range(data: models.Dataset) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
-    """The valid input range of ``data``'s images: [0, 1], shifted by the mean if centred.
-
-    Per channel when the channels were centred differently (floats otherwise),
-    in the form ART's ``clip_values`` and :func:`fingerprints.cae.optimize` take.
-    """
-    if data.mean is None:
-        return 0.0, 1.0
-    mean = np.asarray(data.mean, dtype=np.float32).reshape(-1)
-    if np.all(mean == mean[0]):
-        return float(-mean[0]), float(1.0 - mean[0])
-    return (-mean).astype(np.float32), (1.0 - mean).astype(np.float32)
-
-
-def split_training_set(
-    data: models.Dataset, config: FamilyConfig, *, with_source: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the source's and the thief's training images (disjoint, seeded).
-
-    Args:
-        data: the dataset.
-        config: gives the sizes and the seed.
-        with_source: whether the suite trains the source; if not (a user's
-            source), the thief may draw from the whole training set.
-
-    Returns:
-        ``(source_indices, thief_indices)``; the first is empty without a source.
-    """
-    n = len(data.y_train)
-    order = np.random.default_rng([config.seed, 6]).permutation(n)
-    if not with_source:
-        count = n if config.thief_examples is None else min(config.thief_examples, n)
-        return order[:0], np.sort(order[:count])
-    n_source = n // 2 if config.source_examples is None else config.source_examples
-    n_thief = n - n_source if config.thief_examples is None else config.thief_examples
-    if n_source + n_thief > n:
-        raise UserError(
-            f"source_examples + thief_examples = {n_source + n_thief} exceeds the "
-            f"{n} training images of {data.name}"
-        )
-    return np.sort(order[:n_source]), np.sort(order[n_source : n_source + n_thief])
-
-
-def _subset(data: models.Dataset, indices: np.ndarray, labels: np.ndarray | None = None):
-    """``data`` with its training split replaced by ``indices`` (and, if given, ``labels``)."""
-    x = np.ascontiguousarray(data.x_train[indices])
-    y = np.ascontiguousarray(data.y_train[indices] if labels is None else labels, dtype=np.int64)
-    x.flags.writeable = False
-    y.flags.writeable = False
-    return dataclasses.replace(data, x_train=x, y_train=y)
-
-
-def _fresh(architecture: str, data: models.Dataset, seed: int) -> keras.Model:
+def _fresh(architecture: str | None, source: keras.Model, data, seed: int) -> keras.Model:
+    """A new member with seeded initial weights: a zoo model, or a copy of the source's layers."""
     models.seed_everything(seed)
-    return models.build(architecture, data.input_shape, data.num_classes)
+    if architecture is not None:
+        return models.build(architecture, data.input_shape, data.num_classes)
+    try:
+        return keras.models.clone_model(source)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise UserError(
+            f"cannot copy the architecture of model '{source.name}' ({str(exc)[:120]}); "
+            "name zoo models for the families (families.architectures)"
+        ) from None
 
 
-def _accuracy(model: keras.Model, data: models.Dataset) -> float:
+def _accuracy(model: keras.Model, data) -> float:
     return classifier.accuracy(model, data.x_test, data.y_test)
 
 
-def train_source(data: models.Dataset, config: FamilyConfig, *, cache: bool = True) -> Member:
-    """Train (or restore from the cache) the source model on its share of the training set."""
-    source_idx, _ = split_training_set(data, config)
-    model = _fresh(config.source_architecture, data, config.seed)
-    recipe = dataclasses.replace(config.source_train, seed=config.seed)
-    result = models.train(model, _subset(data, source_idx), recipe, cache=cache)
-    member = Member(
-        model,
-        "source",
-        "source",
-        config.source_architecture,
-        config.seed,
-        _accuracy(model, data),
-        result.seconds,
-        result.from_cache,
-    )
-    log.info(
-        "source %s: test accuracy %.4f (%s)",
-        member.architecture,
-        member.test_accuracy,
-        "cached" if member.from_cache else f"trained in {member.train_seconds:.0f} s",
-    )
-    return member
+def _cached_fit(model: keras.Model, recipe: TrainConfig, tag: str, results: list):
+    """An ART ``fit`` that trains ``model`` through :func:`models.train` (and so its cache)."""
+
+    def fit(self, x, y, batch_size: int = 128, nb_epochs: int = 10, **kwargs) -> None:
+        labels = np.argmax(y, axis=1) if np.ndim(y) == 2 else np.asarray(y)
+        run = dataclasses.replace(recipe, batch_size=int(batch_size), epochs=int(nb_epochs))
+        data = (np.asarray(x, np.float32), labels)
+        results.append(models.train(model, data, run, cache_tag=tag, verbose=0))
+
+    return fit
 
 
-def _art_thief(model: keras.Model, recipe: TrainConfig, clip_values, cache: bool, tag: str):
-    """An ART classifier around ``model`` whose ``fit`` trains through :func:`models.train`."""
-    from art.estimators.classification import TensorFlowV2Classifier
-
-    class CachedThief(TensorFlowV2Classifier):
-        result = None
-
-        def fit(self, x, y, batch_size: int = 128, nb_epochs: int = 10, **kwargs) -> None:
-            labels = np.argmax(y, axis=1) if np.ndim(y) == 2 else np.asarray(y)
-            run = dataclasses.replace(recipe, batch_size=int(batch_size), epochs=int(nb_epochs))
-            self.result = models.train(
-                model, (np.asarray(x, np.float32), labels), run, cache=cache, cache_tag=tag
-            )
-
-    return CachedThief(
-        model=model,
-        nb_classes=int(model.output_shape[-1]),
-        input_shape=tuple(model.input_shape[1:]),
-        loss_object=keras.losses.CategoricalCrossentropy(),
-        clip_values=clip_values,
-    )
-
-
-def _extract(
-    kind: str,
-    source: keras.Model,
-    model: keras.Model,
-    x: np.ndarray,
-    recipe: TrainConfig,
-    clip_values,
-    cache: bool,
-):
+def _extract(kind: str, source: keras.Model, model: keras.Model, data, recipe: TrainConfig):
     """Train ``model`` as a copy of ``source`` with ART's CopycatCNN or KnockoffNets."""
     from art.attacks.extraction import CopycatCNN, KnockoffNets
 
+    clip_values = classifier.input_range(data)
     victim = models.to_art(source, clip_values=clip_values)
     common = dict(
         batch_size_fit=recipe.batch_size,
         batch_size_query=256,
         nb_epochs=recipe.epochs,
-        nb_stolen=len(x),
+        nb_stolen=len(data.x_train),
         use_probability=False,
     )
     if kind == "copycat":
         attack = CopycatCNN(victim, **common)
     else:
         attack = KnockoffNets(victim, sampling_strategy="random", **common)
-    thief = _art_thief(model, recipe, clip_values, cache, tag=f"art:{type(attack).__name__}")
+    thief = models.to_art(model, clip_values=clip_values)
+    results: list = []
+    thief.fit = types.MethodType(
+        _cached_fit(model, recipe, f"art:{type(attack).__name__}", results), thief
+    )
     models.seed_everything(recipe.seed)  # ART draws its queries from NumPy's global generator
-    attack.extract(x, thieved_classifier=thief)
-    return thief.result
+    attack.extract(np.asarray(data.x_train), thieved_classifier=thief)
+    return results[-1]
 
 
-def build_families(
-    data: models.Dataset,
-    config: FamilyConfig,
-    *,
-    source: keras.Model | None = None,
-    cache: bool = True,
-) -> Families:
-    """Train (or restore) the source and its surrogate and reference families.
+def _training_sets(source: keras.Model, data, config: FamilyConfig) -> tuple:
+    """``(surrogate_data, reference_data)``: the source's outputs and the truth on the same images."""
+    if config.extraction == "soft_labels":
+        surrogate = (data.x_train, classifier.probabilities(source, data.x_train))
+    else:
+        surrogate = (data.x_train, classifier.labels(source, data.x_train))
+    return surrogate, data
+
+
+def _plan(config: FamilyConfig) -> list[tuple[str, str, int, int]]:
+    """``(role, split, k, seed)`` of every member, generation members first."""
+    plan = []
+    for role in ROLES:
+        offset = _REFERENCE_SEED_OFFSET if role == "reference" else 0
+        splits = [("generation", k) for k in range(config.generation)]
+        splits += [("unseen", k) for k in range(config.unseen)]
+        for index, (split, k) in enumerate(splits):
+            plan.append((role, split, k, config.seed + 1 + index + offset))
+    return plan
+
+
+def build_families(source: keras.Model, data, config: FamilyConfig) -> Families:
+    """Train (or restore from the cache) the surrogate and reference families of ``source``.
 
     Args:
-        data: the dataset (training split: the source's and the thief's
-            images; test split: the models' test accuracy).
+        source: the owner's trained model.
+        data: a :class:`models.Dataset` prepared for it; the members learn from
+            its training split (at most ``config.images`` of it) and are
+            tested on its test split.
         config: the families.
-        source: a user's source model; None trains the config's source.
-        cache: reuse models trained before.
 
     Returns:
         The :class:`Families`, generation members first.
     """
-    if source is None:
-        source_member = train_source(data, config, cache=cache)
-    else:
-        source_member = Member(source, "source", "source", "user", -1, _accuracy(source, data))
-    _, thief_idx = split_training_set(data, config, with_source=source is None)
-    thief_images = np.ascontiguousarray(data.x_train[thief_idx])
-    stolen_labels = classifier.labels(source_member.model, thief_images)
-    agreement = float(np.mean(stolen_labels == data.y_train[thief_idx]))
+    if config.images is not None and config.images < len(data.y_train):
+        data = data.subset(max_train=config.images, seed=config.seed)
+    source_member = Member(source, "source", "source", "source", -1, _accuracy(source, data))
+    surrogate_data, reference_data = _training_sets(source, data, config)
+    agreement = float(np.mean(classifier.labels(source, data.x_train) == data.y_train))
     log.info(
-        "thief's data: %d images; the source's labels agree with the truth on %.4f",
-        len(thief_idx),
+        "families learn from %d images; the source's labels agree with the truth on %.4f",
+        len(data.y_train),
         agreement,
     )
-    if config.extraction == "soft_labels":
-        # The source's full softmax (temperature 1) as targets: models.train distils on them.
-        surrogate_data = (thief_images, predict_probabilities(source_member.model, thief_images))
-    else:
-        surrogate_data = _subset(data, thief_idx, stolen_labels)
-    reference_data = _subset(data, thief_idx)
-    clip_values = input_range(data)
-
     members: list[Member] = []
-    plan = [
-        (role, split, k, index)
-        for role in ROLES
-        for index, (split, k) in enumerate(
-            [("generation", k) for k in range(config.generation)]
-            + [("unseen", k) for k in range(config.unseen)]
-        )
-    ]
-    for number, (role, split, k, index) in enumerate(plan, start=1):
-        architecture = config.architectures[k % len(config.architectures)]
-        seed = config.seed + 1 + index + (_REFERENCE_SEED_OFFSET if role == "reference" else 0)
-        model = _fresh(architecture, data, seed)
-        recipe = config.recipe(architecture, seed)
+    plan = _plan(config)
+    for number, (role, split, k, seed) in enumerate(plan, start=1):
+        architecture = config.architecture(k)
+        model = _fresh(architecture, source, data, seed)
+        recipe = dataclasses.replace(config.train, seed=seed)
         if role == "reference":
-            result = models.train(model, reference_data, recipe, cache=cache)
-        elif config.extraction in ("labels", "soft_labels"):
-            result = models.train(model, surrogate_data, recipe, cache=cache)
+            result = models.train(model, reference_data, recipe)
+        elif config.extraction in ("soft_labels", "labels"):
+            result = models.train(model, surrogate_data, recipe)
         else:
-            result = _extract(
-                config.extraction,
-                source_member.model,
-                model,
-                thief_images,
-                recipe,
-                clip_values,
-                cache,
-            )
+            result = _extract(config.extraction, source, model, data, recipe)
         member = Member(
             model,
             role,
             split,
-            architecture,
+            architecture or "source",
             seed,
             _accuracy(model, data),
             result.seconds,
@@ -443,7 +316,7 @@ def build_families(
             len(plan),
             split,
             role,
-            architecture,
+            member.architecture,
             seed,
             member.test_accuracy,
             "cached" if member.from_cache else f"trained in {member.train_seconds:.0f} s",
@@ -453,9 +326,7 @@ def build_families(
 
 def describe(families: Families) -> str:
     """One line per split and role: how many models, which architectures, mean test accuracy."""
-    lines = [
-        f"source: {families.source.architecture}, accuracy {families.source.test_accuracy:.4f}"
-    ]
+    lines = [f"source: accuracy {families.source.test_accuracy:.4f}"]
     for split in SPLITS:
         for role in ROLES:
             chosen = families.select(role, split)
@@ -466,13 +337,13 @@ def describe(families: Families) -> str:
     return "\n".join(lines)
 
 
-def pick_candidates(
-    source: keras.Model, data: models.Dataset, count: int, seed: int = 0
-) -> np.ndarray:
+def pick_candidates(source: keras.Model, data, count: int, seed: int = 0) -> np.ndarray:
     """Indices of ``count`` test images the source classifies correctly, drawn with ``seed``.
 
     Fingerprints start from these, as in Lucas et al.: an example can only be
-    adversarial to the source if the source got its original right.
+    adversarial to the source if the source got its original right. (The
+    report's code starts from training images; test images keep the
+    candidates out of what every member was fitted on.)
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise UserError(f"the number of candidates must be a positive integer, got {count!r}")
