@@ -63,6 +63,9 @@ Neural Cleanse, units reset per layer, the adversary's accuracy, seconds),
 attack.detection_config(1))`` gives back the first round's triggers at no
 cost.
 
+Under ``--max-steps N`` (:func:`models.training.limit`) at most N rounds run,
+each with Neural Cleanse and retraining capped at N steps too.
+
 Choices the paper leaves open, made here and reported: the activation of a
 convolution followed by batch normalisation and a ReLU is read after that ReLU
 (where the unit's signal is); retraining runs for a fixed number of epochs
@@ -89,7 +92,7 @@ from attacks.pruning import KeepMasks
 from models import classifier
 from models.config import option, validate
 from models.errors import UserError
-from models.training import OPTIMIZERS, TrainConfig, train
+from models.training import OPTIMIZERS, TrainConfig, limit, train
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +393,7 @@ class Laundering(RemovalAttack):
         reports: list[dict[str, Any]] = []
         curves: dict[str, list[float]] = {hook.name: [] for hook in hooks}
         first_suspect, stopped = None, False
-        for number in range(1, config.rounds + 1):
+        for number in range(1, limit(config.rounds) + 1):  # --max-steps caps the rounds
             start = time.perf_counter()
             found = detect(current, data, self.detection_config(number))
             suspect, least = found.most_suspicious(), found.least_suspicious()

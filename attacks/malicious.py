@@ -48,6 +48,8 @@ Choices the paper leaves open, made here:
   parameters) while :func:`models.training.caching` is on.
 * Training goes through :func:`models.train` (checkpoints, resume, cache);
   hooks are passed to it, so their values land in its history.
+* ``--max-steps N`` (:func:`models.training.limit`) caps BIM's iterations
+  at N (and :func:`models.train` the fine-tuning).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from models import classifier
 from models.config import option, validate
 from models.errors import UserError
 from models.io import array_digest, load_npz, save_npz
-from models.training import TrainConfig, caching, default_cache_dir, hook_curves, train
+from models.training import TrainConfig, caching, default_cache_dir, hook_curves, limit, train
 
 __all__ = [
     "LAYER_MODES",
@@ -231,7 +233,7 @@ def _bim(model, source, target, config: MaliciousConfig, clip_values) -> np.ndar
         to_art(model, clip_values=clip_values),
         eps=config.eps,
         eps_step=config.eps_step,
-        max_iter=config.max_iter,
+        max_iter=limit(config.max_iter),
         targeted=config.targeted,
         batch_size=config.bim_batch_size,
         verbose=False,
@@ -243,7 +245,14 @@ def _bim(model, source, target, config: MaliciousConfig, clip_values) -> np.ndar
 
 def _cache_path(model, source: np.ndarray, config: MaliciousConfig, clip_values) -> Path:
     """Where the BIM images of (model, source images, input range, BIM parameters) are cached."""
-    bim = [config.eps, config.eps_step, config.max_iter, config.targeted, config.target_class]
+    # limit(): under --max-steps the truncated BIM images are cached apart
+    bim = [
+        config.eps,
+        config.eps_step,
+        limit(config.max_iter),
+        config.targeted,
+        config.target_class,
+    ]
     ranges = (np.asarray(v, np.float32) for v in clip_values)
     ident = [
         classifier.digest(model, 64),

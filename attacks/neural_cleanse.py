@@ -99,6 +99,8 @@ A result is cached by (model digest, images digest, configuration) under
 switched off with :func:`models.training.set_caching`), so the same Neural
 Cleanse on the same model is never run twice, in one run or across reruns
 (laundering's first round and a paper script's trigger figure share it).
+Under ``--max-steps N`` (:func:`models.training.limit`) at most N epochs
+run, and the result is cached apart from a full one.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ from attacks.finetune import FineTuneConfig, fine_tune
 from models import classifier
 from models.config import as_dict, option, validate
 from models.errors import UserError
-from models.training import hook_curves
+from models.training import hook_curves, limit, max_steps
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,7 @@ __all__ = [
     "add_command",
     "anomaly_indices",
     "detect",
+    "draw_triggers",
     "reverse_engineer",
 ]
 
@@ -326,6 +329,22 @@ class NeuralCleanseResult:
     def least_suspicious(self) -> int:
         """The class least likely to be infected: the largest mask norm (highest signed deviation)."""
         return int(np.argmax(self.l1_norms))
+
+    def per_class(self) -> list[dict[str, Any]]:
+        """One row per class: its mask norm, anomaly index, verdicts and attack success."""
+        suspect, least = self.most_suspicious(), self.least_suspicious()
+        return [
+            {
+                "class": k,
+                "l1_norm": float(self.l1_norms[k]),
+                "anomaly_index": float(self.anomaly_indices[k]),
+                "flagged": k in self.flagged,
+                "suspect": k == suspect,
+                "least_likely": k == least,
+                "attack_success": float(self.attack_success[k]),
+            }
+            for k in range(self.num_classes)
+        ]
 
     def to_dict(self, *, arrays: bool = True) -> dict[str, Any]:
         """A JSON-able dict (non-finite indices as ``null``); ``arrays`` adds masks and patterns."""
@@ -766,6 +785,8 @@ def _cache_file(model, x, y, input_map, config: NeuralCleanseConfig) -> Path:
         "images": array_digest(x, y, np.asarray([scale], np.float64), offset, length=32),
         "config": as_dict(config),
     }
+    if max_steps() is not None:  # a truncated run never stands in for a full one
+        parts["max_steps"] = max_steps()
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
     return default_cache_dir() / "neural_cleanse" / f"{key}.json"
 
@@ -799,9 +820,10 @@ def _optimise(forward, from_logits, x, y, num_classes, config, input_map):
     batch = min(config.batch_size, len(x))
     mini_batches = config.mini_batches or max(1, len(x) // batch)
     chunk = min(config.class_chunk or num_classes, num_classes)
+    steps = limit(config.steps)  # --max-steps
     log.info(
         "Neural Cleanse: %d classes in groups of %d, %d images, %d epochs of %d x %d, %s",
-        num_classes, chunk, len(x), config.steps, mini_batches, batch,
+        num_classes, chunk, len(x), steps, mini_batches, batch,
         "logits" if from_logits else "probabilities",
     )  # fmt: skip
     parts: list[tuple[np.ndarray, ...]] = []
@@ -812,7 +834,7 @@ def _optimise(forward, from_logits, x, y, num_classes, config, input_map):
             groups[len(ids)] = _ClassGroup(forward, from_logits, x, y, len(ids), config, input_map)
         group = groups[len(ids)]
         group.reset(ids, *_initial_triggers(ids, x.shape[1:], config.seed))
-        schedule = _batch_schedule(len(x), batch, mini_batches, config.steps, config.seed)
+        schedule = _batch_schedule(len(x), batch, mini_batches, steps, config.seed)
         for step, batches in enumerate(schedule):
             remaining, acc, reg = group.epoch(tf.constant(batches))
             if log.isEnabledFor(logging.DEBUG):
@@ -1011,6 +1033,27 @@ def _unlearning_data(data, found: NeuralCleanseResult, targets, config: Unlearni
 # --------------------------------------------------------------------------- command line
 
 
+def draw_triggers(axes, images, l1_norms, anomaly_indices, flagged) -> None:
+    """Draw reversed triggers into ``axes`` (one per class): image, L1 norm, anomaly index.
+
+    ``images`` are (K, H, W, C) in [0, 1] (:meth:`NeuralCleanseResult.trigger_images`);
+    flagged classes are titled in red with a star. Shared by
+    :func:`save_trigger_figure` and the reproductions' trigger figures.
+    """
+    flagged = {int(k) for k in flagged}
+    for cls, ax in zip(range(len(images)), axes, strict=False):
+        image = np.clip(images[cls], 0, 1)
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        mark = " *" if cls in flagged else ""
+        ax.set_title(
+            f"class {cls}{mark}\nL1 {l1_norms[cls]:.1f}, AI {anomaly_indices[cls]:.2f}",
+            fontsize=7,
+            color="red" if mark else "black",
+        )
+
+
 def save_trigger_figure(result: NeuralCleanseResult, path: str | os.PathLike) -> Path:
     """A PNG grid of every class's reversed trigger (mask x pattern), its L1 norm and anomaly index.
 
@@ -1029,24 +1072,16 @@ def save_trigger_figure(result: NeuralCleanseResult, path: str | os.PathLike) ->
     cols = min(k, 10)
     rows = math.ceil(k / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.0 * rows), squeeze=False)
-    fusion = result.trigger_images()
-    flagged = set(result.flagged)
-    for ax in axes.flat:
+    for ax in list(axes.flat)[k:]:
         ax.axis("off")
-    for cls, ax in zip(range(k), axes.flat, strict=False):
-        image = fusion[cls]
-        if image.shape[-1] == 1:
-            ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
-        else:
-            ax.imshow(np.clip(image, 0, 1))
-        mark = " *" if cls in flagged else ""
-        ax.set_title(
-            f"class {cls}{mark}\nL1 {result.l1_norms[cls]:.1f}, "
-            f"AI {result.anomaly_indices[cls]:.2f}",
-            fontsize=7,
-            color="red" if mark else "black",
-        )
-    fig.suptitle("Neural Cleanse reversed triggers (mask x pattern); * flagged", fontsize=9)
+    draw_triggers(
+        axes.flat, result.trigger_images(), result.l1_norms, result.anomaly_indices, result.flagged
+    )
+    fig.suptitle(
+        f"Neural Cleanse reversed triggers (mask x pattern); * flagged (AI > {FLAG_THRESHOLD:g}, "
+        "norm below the median)",
+        fontsize=9,
+    )
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

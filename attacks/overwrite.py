@@ -48,7 +48,8 @@ the scheme reports them (bi-level), else at the end (``all``); after every
 key (``sequential``). The embedding calls the scheme's ``_embed``, not
 ``embed``: the adversary's watermark need not pass the owner's checks (a
 single bi-level key can never be significant), and the model was gated by
-:meth:`remove` already.
+:meth:`remove` already. Under ``--max-steps N`` the sequential setting embeds
+at most N keys (and each embedding is limited by its scheme).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from attacks.base import Removal, RemovalAttack, Requirements, clone
 from models.config import as_dict, option, replace, validate
 from models.errors import UserError
 from models.registry import PRESETS
+from models.training import limit
 
 __all__ = ["Overwrite", "OverwriteConfig"]
 
@@ -272,7 +274,7 @@ class Overwrite(RemovalAttack):
         current, pool = clone(model), data
         schemes, keys, embedded, phases = [], [], [], []
         curves: dict[str, list[float]] = {hook.name: [] for hook in hooks}
-        for number in range(1, self.config.keys + 1):
+        for number in range(1, limit(self.config.keys) + 1):  # --max-steps: at most N keys
             scheme = self._scheme(pool, number)
             marked = scheme._embed(current, pool, hooks=())
             current.set_weights(marked.model.get_weights())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ __all__ = [
     "names",
     "verify",
 ]
+
+log = logging.getLogger(__name__)
 
 REGISTRY = Registry(
     "watermark scheme", ("watermarks.backdoor", "watermarks.fragile", "watermarks.bilevel")
@@ -184,11 +187,17 @@ class Watermark(Evidence):
                 the scheme's own verification.
         """
         from models.sanity import check_model
+        from models.training import max_steps
 
         check_model(model, data, trained=self.uses_weights)
         marked = self.mark(model, data, hooks=hooks)
         result = self.verify(marked.model, marked.key)
-        if not result.positive:
+        if not result.positive and max_steps() is not None:
+            # a run under --max-steps proves the code path, not the watermark
+            log.warning(
+                "%s: the embedding did not take at --max-steps: %s", self.name, result.verdict
+            )
+        elif not result.positive:
             raise EmbeddingFailed(
                 f"{self.name}: the embedding did not take; its own verification says: "
                 f"{result.verdict}"

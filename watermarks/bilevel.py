@@ -105,6 +105,10 @@ Choices the paper leaves open, made here:
   (:func:`models.classifier.logit_function`: the input of a final softmax
   when there is one); the temporary models of eqs. 4-5 are the same
   function evaluated at other weights (``keras.StatelessScope``).
+* Under ``--max-steps N`` (:func:`models.training.limit`) an embedding runs
+  at most N outer phases of at most N masked steps and N inner iterations,
+  and eq. 6 ranks on at most N chunks of examples: it proves the code path,
+  not the watermark.
 """
 
 from __future__ import annotations
@@ -127,6 +131,7 @@ from models import classifier
 from models.config import as_dict, option, validate
 from models.errors import UserError
 from models.evidence import answers, binomial_p_value, binomial_threshold
+from models.training import limit
 from models.zoo import copy_model
 from watermarks.base import Key, Marked, Verification, Watermark
 
@@ -487,7 +492,7 @@ class _Embedder:
         theta = [tf.convert_to_tensor(v) for v in self.theta]
         s = tf.identity(keys)
         first = tf.constant(0.0)
-        for j in range(self.config.inner_steps):
+        for j in range(limit(self.config.inner_steps)):  # unrolled when traced (--max-steps)
             h = self._hypergradient(theta, s, keys, targets)
             if j == 0:
                 first = tf.norm(h)
@@ -525,8 +530,10 @@ class _Embedder:
         """
         per_example = sum(int(np.prod(v.shape)) for v in self.variables)
         chunk = max(1, min(len(x), int(_CHUNK_VALUES // max(per_example, 1))))
-        totals = None
-        for start in range(0, len(x), chunk):
+        starts = range(0, len(x), chunk)
+        starts = starts[: limit(len(starts))]  # --max-steps: at most N chunks
+        totals, seen = None, 0
+        for start in starts:
             with _quiet_tensorflow():
                 part = self.mean_abs_gradients(
                     tf.convert_to_tensor(x[start : start + chunk]),
@@ -534,7 +541,8 @@ class _Embedder:
                 )
             part = [p.numpy().astype(np.float64) for p in part]
             totals = part if totals is None else [a + b for a, b in zip(totals, part, strict=True)]
-        return [t / len(x) for t in totals]
+            seen += len(x[start : start + chunk])
+        return [t / seen for t in totals]
 
     # -- eq. 7 on the loss of eq. 2, masked
     def _masked_steps(self, batches_x, batches_y, exemplars, targets):
@@ -677,7 +685,7 @@ class BiLevel(Watermark):
             architecture,
             config.learning_rate,
             config.trade_off,
-            config.inner_steps,
+            limit(config.inner_steps),  # the traced inner loop's length
             config.inner,
             config.optimizer,
             config.layers,
@@ -718,7 +726,7 @@ class BiLevel(Watermark):
         if not progress.full():
             sizes = self._update_masks(embedder, exemplars, targets, x_tr, y_tr, progress.used, rng)
         progress.literal.append(sizes)
-        batches = rng.integers(0, len(x_tr), size=(config.steps, config.batch_size))
+        batches = rng.integers(0, len(x_tr), size=(limit(config.steps), config.batch_size))
         embedder.masked_steps(
             tf.constant(x_tr[batches]), tf.constant(y_tr[batches]), exemplars, targets_t
         )
@@ -752,7 +760,7 @@ class BiLevel(Watermark):
             curves={hook.name: [] for hook in hooks},
         )
         exemplars = tf.constant(keys)
-        for phase in range(1, config.phases + 1):
+        for phase in range(1, limit(config.phases) + 1):
             exemplars = self._phase(embedder, keys, targets, bounds, data, progress, rng)
             for hook in hooks:
                 progress.curves[hook.name].append(hook(marked))

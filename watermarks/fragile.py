@@ -104,6 +104,8 @@ Deliberate deviations and choices:
   :func:`regenerate` rebuilds G and remakes the triggers without pickle.
 * Keys are cached (by the model's digest, the config and the input range,
   in the training cache folder) while :func:`models.training.caching` is on.
+* ``--max-steps N`` (:func:`models.training.limit`) caps the generator's
+  steps (``epochs`` and ``max_epochs``) at N; such a key is cached apart.
 """
 
 from __future__ import annotations
@@ -133,6 +135,8 @@ from models.training import (
     caching,
     default_cache_dir,
     hook_curves,
+    limit,
+    max_steps,
     seed_everything,
     train,
 )
@@ -744,9 +748,10 @@ class FragileTrigger(_ExactMatch):
         return key
 
     def _cache_path(self, model, low, high) -> Path:
-        ident = json.dumps(
-            [_CACHE_VERSION, dataclasses.asdict(self.config), low.tolist(), high.tolist()]
-        )
+        parts = [_CACHE_VERSION, dataclasses.asdict(self.config), low.tolist(), high.tolist()]
+        if max_steps() is not None:  # a truncated generator never stands in for a full one
+            parts.append(f"max_steps={max_steps()}")
+        ident = json.dumps(parts)
         name = hashlib.sha256((classifier.digest(model, 64) + ident).encode()).hexdigest()[:24]
         return default_cache_dir() / "fragile" / f"{name}.npz"
 
@@ -830,8 +835,10 @@ class FragileTrigger(_ExactMatch):
         ramp = max(1.0, config.warmup * config.epochs)
         step, scores_of = self._step(model, generator, z, y_sk, low, high, a)
         blend = _blend_layer(generator)
-        values, epochs_run = None, 0
-        while True:
+        # --max-steps caps both (models.training.limit); the ramp and growth keep the config's pace
+        epochs, cap = limit(config.epochs), limit(config.max_epochs)
+        values, epochs_run = [float("nan")] * 5, 0
+        while epochs_run < cap:  # epochs = max_epochs = 0 trains nothing (and reports it)
             if blend is not None:
                 blend.mix.assign(_growth_mix(generator, epochs_run, config.epochs))
             if config.warmup:
@@ -846,11 +853,11 @@ class FragileTrigger(_ExactMatch):
                     epochs_run,
                     values[0],
                 )
-            if epochs_run < config.epochs:
+            if epochs_run < epochs:
                 continue
-            if config.variant not in _KEYED or epochs_run >= config.max_epochs:
+            if config.variant not in _KEYED or epochs_run >= cap:
                 break
-            if (epochs_run - config.epochs) % _CHUNK == 0 and values[4] > config.min_margin:
+            if (epochs_run - epochs) % _CHUNK == 0 and values[4] > config.min_margin:
                 # the gap above was measured before this step's update: check the result
                 logits = np.asarray(scores_of(_images(generator, z, low, high)))
                 if np.asarray(_logit_gap(logits, y_sk)).min() > config.min_margin:

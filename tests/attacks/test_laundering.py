@@ -20,7 +20,7 @@ from attacks.laundering import (
 from attacks.neural_cleanse import NeuralCleanseConfig, detect
 from models import classifier
 from models.errors import UserError
-from models.training import Hook, TrainConfig
+from models.training import Hook, TrainConfig, set_max_steps
 
 
 def _stamp(x):
@@ -206,6 +206,18 @@ def test_auto_thresholds_come_from_the_adversarys_own_held_out_split(backdoored,
     else:
         assert choice["share"] == 0.0
     assert removal.info["rounds"][0]["suspect"] == 0
+
+
+def test_max_steps_caps_the_rounds(backdoored, digits):
+    """--max-steps N: at most N rounds, each with Neural Cleanse and retraining capped too."""
+    config = _fixed_config(rounds=5, early_stop=False, neural_cleanse=NeuralCleanseConfig(steps=9))
+    hook = Hook("wm_acc", lambda m: _wm_acc(m, digits))
+    set_max_steps(2)
+    try:
+        info = Laundering(config).remove(backdoored, _adversary(digits, 100), hooks=[hook]).info
+    finally:
+        set_max_steps(None)
+    assert len(info["rounds"]) == 2 and len(info["curves"]["wm_acc"]) == 2
 
 
 def test_zero_rounds_is_no_attack(backdoored, digits):

@@ -18,7 +18,7 @@ from attacks.neural_cleanse import (
     reverse_engineer,
 )
 from models import classifier
-from models.training import Hook, TrainConfig, set_caching
+from models.training import Hook, TrainConfig, set_caching, set_max_steps
 
 TARGET = 0
 
@@ -86,6 +86,12 @@ def test_flagging_and_suspicion_follow_the_norms():
     mild = _result(np.zeros((5, 2, 2)), np.zeros((5, 2, 2, 1)), [45.0, 50.0, 52.0, 48.0, 55.0])
     assert mild.flagged == ()
     assert mild.most_suspicious() == 0  # smallest norm even when not flagged
+    rows = result.per_class()
+    assert [r["class"] for r in rows] == list(range(7))
+    assert [r["flagged"] for r in rows] == [True] + [False] * 6
+    assert [r["suspect"] for r in rows].index(True) == 0
+    assert [r["least_likely"] for r in rows].index(True) == 6
+    assert rows[3]["l1_norm"] == 48.0
 
 
 def test_apply_is_the_trigger_formula():
@@ -226,6 +232,20 @@ def test_a_result_is_cached_by_model_images_and_config(backdoored, digits, monke
             reverse_engineer(backdoored, x, config, y_clean=y)
     finally:
         set_caching(True)
+
+
+def test_max_steps_caps_the_epochs_and_is_cached_apart(backdoored, digits):
+    """--max-steps N: at most N epochs, never served from (or as) the full run's cache entry."""
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    config = NeuralCleanseConfig(steps=6, mini_batches=1, early_stop=False, seed=12)
+    set_max_steps(2)
+    try:
+        short = reverse_engineer(backdoored, x, config, y_clean=y)
+    finally:
+        set_max_steps(None)
+    assert short.steps == 2
+    full = reverse_engineer(backdoored, x, config, y_clean=y)
+    assert full.steps == 6
 
 
 def test_a_model_on_another_input_range_gets_the_same_triggers(backdoored, digits):

@@ -12,7 +12,7 @@ from attacks.base import Inapplicable
 from attacks.overwrite import Overwrite, OverwriteConfig, _without
 from models import classifier
 from models.errors import UserError
-from models.training import Hook, TrainConfig
+from models.training import Hook, TrainConfig, set_max_steps
 from tests.conftest import weights_equal
 from watermarks.bilevel import BiLevel, BiLevelConfig
 
@@ -80,6 +80,16 @@ def test_overwriting_runs_and_leaves_the_input_alone(marked, adversary, digits, 
         assert info["adversary_config"]["keys"] == 1
         assert info["adversary_config"]["stop_when_embedded"] is True
     assert curve[-1] == classifier.accuracy(removal.model, key.inputs, key.labels)
+
+
+def test_max_steps_caps_the_sequential_keys(marked, adversary):
+    attack = Overwrite.from_preset("smoke", setting="sequential", keys=5)
+    set_max_steps(1)
+    try:
+        info = attack.remove(marked.model, adversary).info
+    finally:
+        set_max_steps(None)
+    assert len(info["embedded"]) == 1 and info["phases_run"] == [1]
 
 
 def test_a_used_key_leaves_the_pool(digits):

@@ -14,7 +14,7 @@ from models import classifier
 from models.errors import UserError
 from models.evidence import binomial_threshold
 from models.registry import build_config
-from models.training import Hook, TrainConfig
+from models.training import Hook, TrainConfig, set_max_steps
 from watermarks import bilevel as bl
 from watermarks.base import EmbeddingFailed, Key
 
@@ -296,6 +296,21 @@ def test_hooks_run_after_every_phase(trained, digits):
     marked = scheme.embed(trained, digits, hooks=[Hook("count", measure)])
     assert marked.key.metadata["curves"] == {"count": [1.0, 2.0, 3.0]}
     assert marked.key.metadata["phases_run"] == 3
+
+
+def test_max_steps_caps_phases_steps_and_inner_iterations(trained, digits):
+    calls = []
+    scheme = bl.BiLevel.from_preset("smoke", phases=4, inner_steps=3, steps=50)
+    set_max_steps(2)
+    try:
+        marked = scheme.mark(trained, digits, hooks=[Hook("n", lambda m: calls.append(1) or 0.0)])
+        embedder = scheme._embedder(trained)
+    finally:
+        set_max_steps(None)
+    assert marked.key.metadata["phases_run"] == 2 and len(calls) == 2
+    assert embedder.optimizer.iterations.numpy() == 0  # reset; the run itself took 2 x 2 steps
+    # the capped inner loop is a graph of its own, never served to an uncapped embedding
+    assert scheme._embedder(trained) is not embedder
 
 
 def test_too_few_keys_cannot_be_significant_and_fail_the_embedding(trained, digits):
