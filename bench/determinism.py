@@ -69,7 +69,9 @@ def _measure(what: str, args) -> None:
     for metric in ("wall", "cpu"):
         on = sum(r[metric] for r in runs[True])
         off = sum(r[metric] for r in runs[False])
-        print(f"{what:14s} {metric}: determinism on {on:7.2f} s, off {off:7.2f} s, ratio {on / off:.3f}")
+        print(
+            f"{what:14s} {metric}: determinism on {on:7.2f} s, off {off:7.2f} s, ratio {on / off:.3f}"
+        )
     same = len({r["digest"] for r in runs[True]}) == 1
     print(f"{what:14s} the {len(runs[True])} runs with determinism on are bit-identical: {same}")
 

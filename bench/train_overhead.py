@@ -94,7 +94,9 @@ def main() -> int:
     print(f"ratio train/fit: {ratio:.3f} (limit {LIMIT:.2f}: {'ok' if ratio <= LIMIT else 'OVER'})")
     # state that accumulates across trainings in one process shows as a growing ratio
     first, last = train_times[0] / fit_times[0], train_times[-1] / fit_times[-1]
-    print(f"first repeat   : {first:.3f}   last repeat: {last:.3f} (a growing ratio means leftovers)")
+    print(
+        f"first repeat   : {first:.3f}   last repeat: {last:.3f} (a growing ratio means leftovers)"
+    )
     return 0
 
 

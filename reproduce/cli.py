@@ -289,6 +289,13 @@ def _limits(args: argparse.Namespace) -> None:
     set_devices(args.devices)
 
 
+def _reset_limits() -> None:
+    from models.training import set_devices, set_max_steps
+
+    set_max_steps(None)
+    set_devices(None)
+
+
 def _print_plans(args: argparse.Namespace, papers: list[str]) -> int:
     """``--plan``: each paper's models, work and estimated GPU-hours, without running anything."""
     from reproduce.plan import describe
@@ -333,3 +340,5 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"reproduce: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:  # --max-steps and --devices are this call's, not the process's
+        _reset_limits()

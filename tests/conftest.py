@@ -49,3 +49,13 @@ def tiny_model(digits):
 def weights_equal(a, b) -> bool:
     wa, wb = a.get_weights(), b.get_weights()
     return len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb, strict=True))
+
+
+@pytest.fixture(autouse=True)
+def _no_limits_leak():
+    """A test that sets --max-steps or --devices cannot cap the trainings of the next."""
+    yield
+    from models.training import set_devices, set_max_steps
+
+    set_max_steps(None)
+    set_devices(None)

@@ -131,13 +131,17 @@ def test_rerun_reuses_the_cache_and_gives_the_same_numbers(smoke_run, tmp_path):
 def test_strict_exit_code_follows_the_claims(
     smoke_run, tmp_path, monkeypatch, threshold, strict_code
 ):
-    import reproduce.zoo
+    import shutil
 
-    published = pd.read_csv(reproduce.zoo.PUBLISHED)
+    import reproduce.report
+
+    folder = tmp_path / "published"
+    shutil.copytree(reproduce.report.PUBLISHED_DIR, folder)
+    published = pd.read_csv(folder / "models.csv")
     published["threshold"] = threshold
-    patched = tmp_path / "published.csv"
-    published.to_csv(patched, index=False)
-    monkeypatch.setattr(reproduce.zoo, "PUBLISHED", patched)
+    published["required"] = True  # the smoke rows are reported, not required
+    published.to_csv(folder / "models.csv", index=False)
+    monkeypatch.setattr(reproduce.report, "PUBLISHED_DIR", folder)
     assert main(["models", "--preset", "smoke", "--out", str(tmp_path / "a")]) == 0
     assert (
         main(["models", "--preset", "smoke", "--strict", "--out", str(tmp_path / "b")])

@@ -27,6 +27,8 @@ def data_dir(tmp_path_factory):
 @pytest.mark.parametrize("paper", ["models", "matrix"])
 def test_paper_preset_runs_at_two_steps(paper, data_dir, tmp_path):
     out = tmp_path / paper
+    if paper == "matrix":  # Zhang's paper key takes 1,000 images of the 9 source classes
+        data_dir = fabricate(tmp_path / "data", ("cifar10",), n_train=1500, n_test=200)
     argv = [paper, "--preset", "paper", "--max-steps", "2", "--data-dir", str(data_dir)]
     if paper == "matrix":  # one row and two columns prove the plumbing of the paper preset
         argv += ["--schemes", "zhang_noise", "--attacks", "identity,ftal"]
