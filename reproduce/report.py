@@ -65,6 +65,8 @@ _OPS = {
     "==": operator.eq,
 }
 PUBLISHED_DIR = Path(__file__).with_name("published")
+#: longer tables are left to their CSV in REPORT.md
+REPORT_MAX_ROWS = 200
 _LIBRARIES = (
     "tensorflow",
     "keras",
@@ -353,7 +355,11 @@ class Run:
         lines.append(shown.to_markdown(index=False) if len(claims) else "No claims.")
         for name in self.tables:
             frame = pd.read_csv(self.staging / f"{name}.csv")
-            lines += ["", f"## {name}", "", frame.to_markdown(index=False, floatfmt=".4g")]
+            lines += ["", f"## {name}", ""]
+            if len(frame) > REPORT_MAX_ROWS:  # a data table (triggers, curves): the CSV only
+                lines.append(f"{len(frame):,} rows: see `{name}.csv`.")
+            else:
+                lines.append(frame.to_markdown(index=False, floatfmt=".4g"))
         for path in figures:
             lines += ["", f"## {path.stem}", "", f"![{path.stem}]({path.name})"]
         for title, text in self.sections:
