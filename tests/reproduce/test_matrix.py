@@ -64,7 +64,6 @@ def _frame(folder) -> pd.DataFrame:
     return frame.drop(columns=list(_TIMING)).sort_values(["seed", "unit", "column"])
 
 
-@pytest.mark.slow
 def test_smoke_matrix_local_and_ray_give_the_same_cells(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     import ray
