@@ -42,7 +42,7 @@ from models import classifier
 from models.config import as_dict, replace
 from models.errors import UserError
 from models.io import array_digest
-from models.training import Hook, TrainConfig, max_steps
+from models.training import Hook, TrainConfig
 from reproduce import zoo
 from reproduce.report import Run, published, save_figure
 from watermarks.backdoor import AdiAbstract, AdiConfig, vanilla
@@ -278,18 +278,6 @@ def _context(config, experiment, data) -> _Context:
     return ctx
 
 
-def _remove(attack, model, data, hooks=()):
-    """``attack.remove``; under ``--max-steps`` past its model gate.
-
-    A model trained for N steps on fabricated data answers at chance, which
-    :meth:`attacks.base.RemovalAttack.remove` refuses; a truncated run proves
-    the code path, so it calls the attack itself.
-    """
-    if max_steps() is None:
-        return attack.remove(model, data, hooks=hooks)
-    return attack._remove(model, data, hooks=tuple(hooks))
-
-
 def _ratio(accuracy: float, before: float) -> float:
     """The function-preserving rate (NaN where the model was at 0, as on fabricated data)."""
     return accuracy / before if before else np.nan
@@ -352,12 +340,12 @@ def _attacks(ctx: _Context, marked) -> dict[str, pd.DataFrame]:
     n, fig4, fig5, overwritten = ctx.experiment.keys, [], [], {}
     for watermark, subject in (("bi-level", marked.model), ("control", ctx.base)):
         for strength, ft in zip(STRENGTHS, ctx.config.fine_tune, strict=True):
-            removal = _remove(FineTuneAllLayers(ft), subject, ctx.adversary, hooks)
+            removal = FineTuneAllLayers(ft).remove(subject, ctx.adversary, hooks=hooks)
             fig4 += _trace(ctx, hooks, subject, removal, fine_tuning=strength, watermark=watermark)
         before = ctx.accuracy(subject)
         for rate in ctx.config.prune_rates:
             attack = MagnitudePruning(rate=rate, fine_tune=FineTuneConfig(epochs=0))
-            pruned = _remove(attack, subject, ctx.adversary).model
+            pruned = attack.remove(subject, ctx.adversary).model
             a = ctx.accuracy(pruned)
             fig5.append({**ctx.tag, "rate": rate, "watermark": watermark, "R_auth": hooks[0](pruned),
                          "test_accuracy": a, "function_preserving": _ratio(a, before)})  # fmt: skip
@@ -369,8 +357,8 @@ def _attacks(ctx: _Context, marked) -> dict[str, pd.DataFrame]:
         ("fig6", "all", n),
         ("fig7", "sequential", ctx.config.sequential_keys or n),
     ):
-        removal = _remove(_overwrite(ctx, ctx.scheme, setting, count), marked.model,
-                          ctx.adversary, hooks)  # fmt: skip
+        attack = _overwrite(ctx, ctx.scheme, setting, count)
+        removal = attack.remove(marked.model, ctx.adversary, hooks=hooks)
         frame = frames[name] = pd.DataFrame(_trace(ctx, hooks, marked.model, removal))
         embedded = [float(e) for e in removal.info["embedded"]]  # per key, or once for "all"
         frame["adversary_embedded"] = [
@@ -399,7 +387,7 @@ def _adi(ctx: _Context):
     steps = math.ceil(len(ctx.owner.y_train) / config.train.batch_size) * config.train.epochs
     attack = Overwrite(scheme="adi", scheme_options=as_dict(config), keys=config.n,
                        pool_fraction=0.0, train_steps=steps, seed=ctx.config.seed + 1)  # fmt: skip
-    removal = _remove(attack, marked.model, ctx.adversary)
+    removal = attack.remove(marked.model, ctx.adversary)
     after = scheme.verify(removal.model, marked.key)
     row = {"method": "Adi et al. PT (this run)", "keys": config.n,
            "R_loss_pp": 100 * (ctx.acc0 - ctx.accuracy(marked.model)),
@@ -424,12 +412,12 @@ def _variants(ctx: _Context, marked, figs) -> pd.DataFrame:
         variant, result = _mark(ctx, keys=n, **VARIANTS[name])
         r_auth = _r_auth(variant.key)
         row = {**_row(ctx, variant, result), "variant": name}
-        row["R_auth_after_fine_tuning"] = r_auth(_remove(weak, variant.model, ctx.adversary).model)
-        row["R_auth_after_pruning_50"] = r_auth(_remove(half, variant.model, ctx.adversary).model)
+        row["R_auth_after_fine_tuning"] = r_auth(weak.remove(variant.model, ctx.adversary).model)
+        row["R_auth_after_pruning_50"] = r_auth(half.remove(variant.model, ctx.adversary).model)
         if name in OVERWRITTEN_VARIANTS:  # the adversary uses the owner's method: the variant's
             attack = _overwrite(ctx, replace(ctx.scheme, **VARIANTS[name]), "all", n)
             row["R_auth_after_overwriting"] = r_auth(
-                _remove(attack, variant.model, ctx.adversary).model
+                attack.remove(variant.model, ctx.adversary).model
             )
         rows.append(row)
     frame = pd.DataFrame(rows)

@@ -27,7 +27,7 @@ from attacks.malicious import MaliciousConfig, MaliciousFineTune
 from models import classifier
 from models.config import replace
 from models.io import array_digest
-from models.training import Hook, TrainConfig, max_steps
+from models.training import Hook, TrainConfig
 from reproduce import zoo
 from reproduce.report import Run, save_figure
 from watermarks.base import Key
@@ -320,10 +320,7 @@ def _attack(model, data, adversary, keys: dict[str, Key], config, layers: str):
         acctri = lambda m, k=k: classifier.accuracy(m, k.inputs, k.labels)  # noqa: E731
         hooks[name] = Hook(f"acctri/{name}:{array_digest(k.inputs, k.labels)}", acctri)
     attack = MaliciousFineTune(replace(config.attack, layers=layers))
-    if max_steps() is None:
-        removal = attack.remove(model, adversary, hooks=list(hooks.values()))
-    else:  # a classifier trained for N steps answers at chance, which remove()'s gate refuses
-        removal = attack._remove(model, adversary, hooks=tuple(hooks.values()))
+    removal = attack.remove(model, adversary, hooks=list(hooks.values()))
     info = removal.info
     curves = {name: [float(v) for v in info["curves"][h.name]] for name, h in hooks.items()}
     row = {"classifier": model.name, "layers": layers, "backdoor_success": info["backdoor_success"]}

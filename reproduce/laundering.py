@@ -29,7 +29,7 @@ from attacks.laundering import Laundering, LaunderingConfig
 from attacks.neural_cleanse import NeuralCleanseConfig, detect
 from attacks.pruning import FinePruning, FinePruningConfig, MagnitudePruning, PruningConfig
 from models import classifier
-from models.training import Hook, TrainConfig, max_steps
+from models.training import Hook, TrainConfig
 from reproduce.report import save_figure
 from reproduce.zoo import dataset_size, recipe
 from watermarks.backdoor import AdiAbstract, AdiConfig, ZhangContent, ZhangNoise, ZhangUnrelated
@@ -288,26 +288,12 @@ class _Marked:
 
 
 def _embed(scheme, model, data):
-    """The owner's embedding; the bare one under --max-steps or where it did not take.
-
-    Under --max-steps the models sit at chance (fabricated data in the tests),
-    which the owner's gate refuses; an embedding that did not take is a
-    measured outcome (L1), not an error of the run.
-    """
-    if max_steps() is not None:
-        return scheme.mark(model, data)
+    """The owner's embedding; where it did not take, the bare one: a measured outcome (L1)."""
     try:
         return scheme.embed(model, data)
     except EmbeddingFailed as failure:
         log.warning("%s; measured as it is (L1)", failure)
         return scheme.mark(model, data)  # the same trainings, from the cache
-
-
-def _remove(attack, model, data, hooks=()):
-    """``attack.remove``; under --max-steps past the model gate (see :func:`_embed`)."""
-    if max_steps() is None:
-        return attack.remove(model, data, hooks=hooks)
-    return attack._remove(model, data, hooks=tuple(hooks))
 
 
 def _scores(model, data, key) -> tuple[float, float]:
@@ -371,7 +357,7 @@ def _launder(mark: _Marked, attack_config, adversary, size, data, curves: list |
         Hook("test_acc", lambda m: classifier.accuracy(m, data.x_test, data.y_test)),
         Hook("wm_acc", lambda m: classifier.accuracy(m, mark.key.inputs, mark.key.labels)),
     )
-    info = _remove(Laundering(attack_config), mark.model, adversary, hooks).info
+    info = Laundering(attack_config).remove(mark.model, adversary, hooks=hooks).info
     curve = info["curves"]
     points = [(mark.test_acc, mark.wm_acc), *zip(curve["test_acc"], curve["wm_acc"], strict=True)]
     if curves is not None:  # round 0 is the marked model
@@ -434,7 +420,7 @@ def _attack(config, mark: _Marked, data, out, rows: dict, scratch: dict) -> None
         mark, detect(mark.model, adversary, Laundering(attack).detection_config(1)), out, rows
     )
     if is_adi:
-        attacked = _remove(RetrainAllLayers(config.rtal), mark.model, adversary).model
+        attacked = RetrainAllLayers(config.rtal).remove(mark.model, adversary).model
         scores = _scores(attacked, data, mark.key)
         rows["table"].append(_row("Adi et al. (RTAL)", mark, scores, fraction))
         return
@@ -480,12 +466,12 @@ def _baselines(config, mark: _Marked, data, adversary, out, rows: dict) -> None:
     """Zhang et al.'s pruning (fine-tuned on its own share) and Liu et al.'s fine-pruning."""
     share = _sample(data, config.pruning_fraction, config.seed)
     scores = _scores(
-        _remove(MagnitudePruning(config.pruning), mark.model, share).model, data, mark.key
+        MagnitudePruning(config.pruning).remove(mark.model, share).model, data, mark.key
     )
     method = f"Zhang et al. ({100 * config.pruning.rate:.0f}% pruning)"
     rows["table"].append(_row(method, mark, scores, config.pruning_fraction))
     out.measure(f"{mark.label}.pruning_wm_acc", scores[1])
-    attacked = _remove(FinePruning(config.fine_pruning), mark.model, adversary).model
+    attacked = FinePruning(config.fine_pruning).remove(mark.model, adversary).model
     scores = _scores(attacked, data, mark.key)
     rows["table"].append(_row("Liu et al. (fine-pruning)", mark, scores, config.zhang_fraction))
 
