@@ -130,16 +130,17 @@ def run_paper(
         run.commit(figures)
     finally:
         run.discard()
-    claims = run.claims_frame()
-    for row in claims.itertuples():
-        log.info(
-            "claim %s: %s -> measured %s, %s",
-            row.claim,
-            row.description,
-            row.measured,
-            "holds" if row.holds else "DOES NOT HOLD",
-        )
+    _log_claims(run)
     return out
+
+
+def _log_claims(run) -> None:
+    """One log line per claim of a finished run (``-v``)."""
+    for row in run.claims_frame().itertuples():
+        verdict = {"True": "holds", "False": "DOES NOT HOLD"}.get(str(row.holds), str(row.holds))
+        log.info(
+            "claim %s: %s -> measured %s, %s", row.claim, row.description, row.measured, verdict
+        )
 
 
 def plot_folder(folder: str | Path) -> list[Path]:
