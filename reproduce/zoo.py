@@ -218,20 +218,18 @@ def plot(folder: Path) -> list[Path]:
     table = pd.read_csv(Path(folder) / "table_models.csv")
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(table), 3.2))
     labels = [f"{m}\n{d}" for m, d in zip(table["model"], table["dataset"], strict=True)]
-    bars = ax.bar(labels, table["test_accuracy"], color="#4c72b0", label="measured")
-    ax.bar_label(bars, fmt="%.4f", padding=2)
-    ax.scatter(
-        labels,
-        table["threshold"],
-        marker="_",
-        s=1500,
-        linewidths=2.5,
-        color="#c44e52",
-        label="claim threshold",
-        zorder=3,
-    )
+    # points, not bars: a bar on an axis that does not start at 0 exaggerates the differences
+    ax.scatter(labels, table["test_accuracy"], marker="o", s=60, color="#4c72b0",
+               label="measured", zorder=4)  # fmt: skip
+    for x, value in enumerate(table["test_accuracy"]):
+        ax.annotate(f"{value:.4f}", (x, value), xytext=(8, 0), textcoords="offset points",
+                    va="center", fontsize=8)  # fmt: skip
+    ax.scatter(labels, table["threshold"], marker="_", s=900, linewidths=2.5, color="#c44e52",
+               label="claim threshold", zorder=3)  # fmt: skip
     low = min(table["test_accuracy"].min(), table["threshold"].min())
     ax.set_ylim(max(0.0, low - 0.1), 1.0)
+    ax.set_xlim(-0.5, len(table) - 0.5)
     ax.set_ylabel("test accuracy")
-    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, frameon=False)
     return [save_figure(fig, Path(folder) / "fig_models.png")]
