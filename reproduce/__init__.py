@@ -1,1 +1,1 @@
-"""Reproductions of the four papers, one thin module per paper (see ``reproduce.cli``)."""
+"""Reproductions of the four papers, a thin module or subpackage each (see ``reproduce.cli``)."""

@@ -1,6 +1,7 @@
 """``python -m reproduce``: re-run a paper's experiments and write its tables, figures and claims.
 
-Each paper is one module of this package with a small interface:
+Each paper is one module of this package (or a subpackage: ``config``, ``experiment`` and
+``figures`` behind its ``__init__``) with a small interface:
 
 * ``TITLE`` (str) and ``PRESET_NOTES`` (preset -> what it changes from the paper);
 * ``make_config(preset, *, dataset, data_dir, seed, cache) -> config`` (a dataclass;

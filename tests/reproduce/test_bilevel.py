@@ -9,6 +9,8 @@ import pytest
 from models.errors import UserError
 from models.training import set_max_steps
 from reproduce import bilevel
+from reproduce.bilevel.config import _recipe
+from reproduce.bilevel.experiment import _needed
 from reproduce.cli import main
 from reproduce.report import CLAIM_COLUMNS, published
 from tests.conftest import needs_fashion
@@ -48,7 +50,7 @@ def test_the_base_model_is_the_zoos_quick_lenet5():
     from reproduce import zoo
 
     config = bilevel.make_config("quick", seed=3)
-    recipe = bilevel._recipe(config, config.experiments[0])
+    recipe = _recipe(config, config.experiments[0])
     assert recipe == zoo.make_config("quick", seed=3).entries[0].train
 
 
@@ -91,9 +93,9 @@ def test_needed_budget_is_the_smallest_from_which_r_auth_stays_one():
     budgets = pd.DataFrame(
         {"top_fraction": [0.001, 0.0025, 0.005, 0.025], "R_auth": [1.0, 0.9, 1.0, 1.0]}
     )
-    assert bilevel._needed(budgets)["top_fraction"] == 0.005
-    assert bilevel._needed(budgets.assign(R_auth=0.5)) is None
-    assert bilevel._needed(budgets.assign(R_auth=1.0))["top_fraction"] == 0.001
+    assert _needed(budgets)["top_fraction"] == 0.005
+    assert _needed(budgets.assign(R_auth=0.5)) is None
+    assert _needed(budgets.assign(R_auth=1.0))["top_fraction"] == 0.001
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,7 @@ def test_smoke_claims_are_computed_from_the_tables(smoke_run):
     assert (table1["paper_R_auth"] == 1.0).all()
     budgets = pd.read_csv(smoke_run / "table_budgets.csv")
     assert list(budgets["top_fraction"]) == [0.01, 0.025]
-    needed = bilevel._needed(budgets)
+    needed = _needed(budgets)
     b3 = measured["lenet5.needed_fraction"]
     assert b3 == (np.inf if needed is None else needed["changed_fraction"])
     assert (keys["changed_parameters"] <= 0.025 * keys["total_parameters"]).all()

@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 
+from models.errors import UnknownNameError
 from models.training import set_max_steps
 from reproduce import fragile, zoo
 from reproduce.cli import main
@@ -78,9 +79,9 @@ def test_max_steps_caps_the_generator_and_keeps_its_key_apart(digits, tiny_model
 
 
 def test_bad_names_are_refused():
-    with pytest.raises(fragile.models.UnknownNameError):
+    with pytest.raises(UnknownNameError):
         fragile.make_config("huge")
-    with pytest.raises(fragile.models.UnknownNameError):
+    with pytest.raises(UnknownNameError):
         fragile.make_config("quick", dataset="cifar")
 
 

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from reproduce.cli import main
-from reproduce.laundering import _round_gains, make_config, plan
+from reproduce.laundering import make_config, plan
+from reproduce.laundering.experiment import _round_gains
 from reproduce.report import CLAIM_COLUMNS, published
 from reproduce.zoo import recipe
 from tests.conftest import needs_fashion

@@ -1,26 +1,6 @@
-"""``python -m reproduce bilevel``: Yang et al.'s bi-level robust watermark, Tables 1-2 and Figs. 3-8.
-
-P. Yang, Y. Lao, P. Li, "Robust Watermarking for Deep Neural Networks via
-Bi-level Optimization", ICCV 2021. The units: :class:`watermarks.bilevel.BiLevel`
-(the scheme and its binomial verification), the attacks ``ftal``,
-``magnitude_pruning`` and ``overwrite`` (a second bi-level watermark at once or
-key by key; for Table 2, Adi et al.'s PT watermark overwritten with Adi et
-al.'s method). Published numbers and claim thresholds are data in
-``published/bilevel.csv``.
-
-Data: the base model is the zoo's (:func:`reproduce.zoo.recipe`, full training
-split), trained once for ``reproduce models`` and this paper. Its recipe holds
-out the last ``validation_split`` of the training split, never trained on: the
-paper's validation data D_v, which :meth:`models.Dataset.split` (stratified)
-divides into the owner's key pool and the adversary's data. D_tr is the rest;
-the test split only measures accuracy.
-
-Every embedding is ``mark`` then ``verify``, not ``embed``: Table 1's 5 keys can
-never be significant under the binomial test (5 of 5 is p = 1/32 > 0.01), and
-nothing is significant under ``--max-steps``; a verification that fails is a
-measured result. Under ``--max-steps`` the attacks are also called past the
-model gate (:func:`_remove`).
-"""
+"""The bi-level run: ``run`` trains or loads each base model, embeds the watermark per number
+of keys and mask budget, attacks it (fine-tuning, pruning, overwriting), adds Adi et al.'s PT
+watermark (Table 2) and the variants, and stages the tables, measurements and REPORT sections."""
 
 from __future__ import annotations
 
@@ -29,198 +9,34 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 import models
 from attacks.finetune import FineTuneAllLayers, FineTuneConfig
-from attacks.overwrite import Overwrite, OverwriteConfig
+from attacks.overwrite import Overwrite
 from attacks.pruning import MagnitudePruning
 from models import classifier
 from models.config import as_dict, replace
 from models.errors import UserError
 from models.io import array_digest
 from models.training import Hook, TrainConfig
-from reproduce import zoo
-from reproduce.report import Run, published, save_figure
-from watermarks.backdoor import AdiAbstract, AdiConfig, vanilla
+from reproduce.bilevel.config import (
+    _CHOICES,
+    DEVIATIONS,
+    OVERWRITTEN_VARIANTS,
+    STRENGTHS,
+    VARIANTS,
+    BiLevelReproduction,
+    Experiment,
+    _recipe,
+)
+from reproduce.report import Run
+from watermarks.backdoor import AdiAbstract, vanilla
 from watermarks.bilevel import BiLevel, BiLevelConfig, hypergradient_cosine
 
 log = logging.getLogger(__name__)
-
-TITLE = "Robust Watermarking for Deep Neural Networks via Bi-level Optimization (Yang, Lao, Li, ICCV 2021)"
-PRESET_NOTES = {
-    "smoke": "LeNet5 trained one epoch on 1200 Fashion-MNIST images (a quarter held out); two outer "
-    "phases of 30 masked steps at learning rate 0.02, 10 keys, one fine-tuning epoch. Checks the "
-    "pipeline end to end; the claims are not expected to hold.",
-    "quick": "Fashion-MNIST (the offline dataset) instead of MNIST, LeNet5 only: the zoo's quick "
-    "model (shared with `reproduce models`). Robustness is measured on a 20-key watermark (the "
-    "paper: 30 on MNIST). The 6000 validation images the base model never trained on are split "
-    "(stratified) into 2000 for the owner's key pool and 4000 for the adversary. Masked steps per "
-    "phase, lambda and the optimizer are not in the paper (200, 0.9, Adam).",
-    "paper": "The paper's image settings: LeNet5/MNIST with 30 keys (learning rate 0.002), "
-    "VGG-9/CIFAR-10 and VGG-16/CIFAR-100 with 60 keys (0.02); ImageNet/Inception-V3 is left out. "
-    "Base models by the zoo's paper recipes. Needs the datasets (--data-dir) and a GPU.",
-}
-DEVIATIONS = """
-Each is explained in the docstring of `watermarks/bilevel.py`; table_variants measures the ones that
-change results (eq. 6 as printed, first-order inner loop, plain gradient descent, random targets).
-
-- Only the masked parameters move, on the loss of eq. 2 (eq. 7 as printed moves all of them).
-- Eq. 6 as printed selects almost nothing (`eq6_intersection`); the default widened ranking grows
-  both top-N lists until they share N parameters.
-- The parameters ever changed are capped at N = floor(2.5%) of each layer, so at the paper's budget
-  the changed fraction is the budget by construction: Fig. 3 also sweeps smaller budgets (B3).
-- Adam on the masked parameters instead of plain gradient descent; 200 masked steps per phase and
-  lambda 0.9 are not in the paper. Key targets: the runner-up class (the paper does not say).
-- Verification (the paper has none): a binomial test against p0 = 0.5, an assumption that the null
-  controls check; a robustness claim holds only where the verifier says present.
-- The base models, the data (Fashion-MNIST at quick) and the attack strengths are this suite's.
-"""
-VARIANTS = {
-    "random_targets": {"target": "random"},
-    "intersection": {"mask_rule": "intersection"},
-    "first_order": {"inner": "first_order"},
-    "sgd": {"optimizer": "sgd"},
-}
-OVERWRITTEN_VARIANTS = ("random_targets",)  # the default's overwriting is Fig. 6's
-STRENGTHS = ("SGD 1e-3", "SGD 1e-2 m0.9")
-_CHOICES = ("target", "mask_rule", "inner", "optimizer")
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """One architecture on one dataset; ``keys`` is the watermark the attacks target."""
-
-    model: str
-    dataset: str
-    keys: int
-    learning_rate: float  # alpha1 = alpha2 = beta1 (0.002 MNIST, 0.02 CIFAR)
-
-
-@dataclass(frozen=True)
-class BiLevelReproduction:
-    """The resolved configuration of a run (``budgets``: smaller mask budgets swept for Fig. 3)."""
-
-    preset: str
-    experiments: tuple[Experiment, ...]
-    scheme: BiLevelConfig
-    table_keys: tuple[int, ...]
-    capacity_keys: tuple[int, ...]
-    budgets: tuple[float, ...]
-    pool_size: int
-    fine_tune: tuple[FineTuneConfig, FineTuneConfig]
-    prune_rates: tuple[float, ...]
-    overwrite: OverwriteConfig
-    sequential_keys: int | None
-    adi: AdiConfig
-    variants: tuple[str, ...]
-    max_train: int | None
-    max_test: int | None
-    seed: int
-    cache: bool
-    data_dir: str | None = None
-    base_recipe: TrainConfig | None = None  # None: the zoo's recipe
-
-
-_RATES = tuple(round(0.1 * i, 1) for i in range(10))
-_PRESETS = {  # preset -> (experiments, capacity keys, budgets, pool, smoke-only values)
-    "smoke": ((("lenet5", "fashion_mnist", 10, 0.02),), (), (0.01,), 150,
-              dict(sequential_keys=2, max_train=1200, max_test=400, prune_rates=(0.0, 0.5))),
-    "quick": ((("lenet5", "fashion_mnist", 20, 0.002),), (30, 40, 50, 60),
-              (0.001, 0.0025, 0.005, 0.01), 2000, {}),
-    "paper": ((("lenet5", "mnist", 30, 0.002), ("vgg9", "cifar10", 60, 0.02),
-               ("vgg16", "cifar100", 60, 0.02)), (10, 20, 30, 40, 50, 60),
-              (0.001, 0.0025, 0.005, 0.01), 2000, {}),
-}  # fmt: skip
-
-
-def make_config(
-    preset: str,
-    *,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    seed: int = 0,
-    cache: bool = True,
-) -> BiLevelReproduction:
-    """Resolve a preset (``smoke``, ``quick`` or ``paper``) into the run's configuration."""
-    models.check_dataset(dataset)
-    if preset not in _PRESETS:
-        raise UserError(f"unknown preset {preset!r}; expected one of: paper, quick, smoke")
-    experiments, capacity, budgets, pool, extra = _PRESETS[preset]
-    smoke = preset == "smoke"
-    small = dict(phases=2, inner_steps=1, steps=30, mask_samples=64, batch_size=16)
-    weak = FineTuneConfig(epochs=1 if smoke else 5, learning_rate=1e-3, seed=seed)
-    adi_train = TrainConfig(epochs={"smoke": 1, "quick": 2, "paper": 5}[preset], batch_size=64,
-                            optimizer="adam", learning_rate=1e-4, seed=seed)  # fmt: skip
-    return BiLevelReproduction(
-        preset=preset,
-        experiments=tuple(Experiment(m, dataset or d, k, lr) for m, d, k, lr in experiments),
-        scheme=BiLevel.preset_config("quick", seed=seed, **(small if smoke else {})),
-        table_keys=(5, 10, 15, 20),
-        capacity_keys=capacity,
-        budgets=budgets,
-        pool_size=pool,
-        fine_tune=(weak, dataclasses.replace(weak, learning_rate=1e-2, momentum=0.9)),
-        prune_rates=extra.get("prune_rates", _RATES),
-        overwrite=OverwriteConfig(seed=seed + 1, max_phases=2 if smoke else 30),
-        sequential_keys=extra.get("sequential_keys"),
-        adi=AdiConfig(mode="pt", n=20, k=2, seed=seed, train=adi_train),
-        variants=tuple(VARIANTS),
-        max_train=extra.get("max_train"),
-        max_test=extra.get("max_test"),
-        seed=seed,
-        cache=cache,
-        data_dir=str(data_dir) if data_dir is not None else None,
-        base_recipe=TrainConfig(epochs=1, batch_size=64, validation_split=0.25, seed=seed)
-        if smoke else None,
-    )  # fmt: skip
-
-
-def _recipe(config: BiLevelReproduction, experiment: Experiment) -> TrainConfig:
-    if config.base_recipe is not None:
-        return config.base_recipe
-    recipe = zoo.recipe(config.preset, experiment.model, experiment.dataset)
-    return dataclasses.replace(recipe, seed=config.seed)
-
-
-def plan(config: BiLevelReproduction) -> list[dict]:
-    """Every training and optimisation loop of the preset (see :mod:`reproduce.plan`)."""
-    from reproduce.plan import train_row
-
-    rows, adi = [], config.adi.train
-    for e in config.experiments:
-        images, shape, classes = zoo.dataset_size(e.dataset)
-        images = min(images, config.max_train or images)
-        recipe = _recipe(config, e)
-        held = int(round(images * recipe.validation_split))
-        d_tr, adversary = images - held, held - min(config.pool_size, held // 3)
-        adi_epochs = math.ceil(math.ceil(d_tr / adi.batch_size) * adi.epochs
-                               / math.ceil(adversary / adi.batch_size))  # fmt: skip
-        trainings = (
-            ("base model", images, recipe.epochs, 1),
-            ("Adi et al.: clean twin (N1), PT watermark", d_tr, recipe.epochs + adi.epochs, 1),
-            ("Adi et al.: adversary's twin and PT", adversary, recipe.epochs + adi_epochs, 1),
-            ("FTAL (Fig. 4, variants)", adversary, config.fine_tune[0].epochs,
-             4 + len(config.variants)),
-        )  # fmt: skip
-        rows += [train_row(f"{what} ({e.model})", e.model, shape, classes, n, epochs, count)
-                 for what, n, epochs, count in trainings]  # fmt: skip
-        embeddings = len({*config.table_keys, *config.capacity_keys, e.keys}) + len(
-            config.budgets) + len(config.variants) + len(OVERWRITTEN_VARIANTS) + 1  # fmt: skip
-        rows += [
-            {"kind": "loop", "what": f"bi-level embeddings ({e.model}): phases x masked steps",
-             "steps": config.scheme.phases * config.scheme.steps, "count": embeddings},
-            {"kind": "loop", "what": f"sequential overwriting ({e.model}): at most",
-             "steps": config.overwrite.max_phases * config.scheme.steps,
-             "count": config.sequential_keys or e.keys},
-        ]  # fmt: skip
-    return rows
-
-
-# --------------------------------------------------------------------------- one experiment
 
 
 @dataclass
@@ -582,114 +398,3 @@ def run(config: BiLevelReproduction, out: Run) -> None:
                  "table_controls", "fig4", "fig5", "fig6", "fig7"):  # fmt: skip
         out.table(name, pd.concat(frames[name], ignore_index=True))
     out.section("Deviations from the paper", DEVIATIONS)
-
-
-# --------------------------------------------------------------------------- figures
-
-_MARKERS, _STYLES = "osD^vP*X", ("-", "--", "-.", ":")
-
-
-def _panel(ax, frame, x, y, by, xlabel, ylabel, spread=0.0, integer=False):
-    """One line per group (distinct marker, style and a small x offset: none hides another)."""
-    from matplotlib.ticker import MaxNLocator
-
-    groups = list(frame.groupby(by, sort=False))
-    for i, (label, part) in enumerate(groups):
-        ax.plot(part[x] + (i - (len(groups) - 1) / 2) * spread, part[y], marker=_MARKERS[i % 8],
-                linestyle=_STYLES[i % 4], alpha=0.85, label=" / ".join(map(str, label)))  # fmt: skip
-    if y == "R_auth" and "threshold" in frame:
-        for model, part in frame.groupby("model", sort=False):
-            level = part.groupby(x)["threshold"].first().replace(np.inf, np.nan)  # 5 keys: none
-            ax.step(level.index, level.to_numpy(), where="mid", color="black", linewidth=0.9,
-                    zorder=3, label=f"verification threshold ({model})")  # fmt: skip
-    ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(-0.05, max(1.05, frame[y].max() + 0.05)))
-    ax.grid(alpha=0.3)
-    if integer and frame[x].nunique() <= 12:  # the measured counts themselves
-        ax.set_xticks(sorted(frame[x].unique()))
-    elif integer:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _legend(ax) -> None:
-    """Below the axes, so that it covers no data."""
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
-
-
-def _figure(plt, frame, x, by, xlabel, title, paper, spread=0.0, integer=False, at=None):
-    """R_auth (threshold, the paper's value) and the function-preserving rate against ``x``.
-
-    A published value is a star at ``at`` (default: right of the last measured point) on a
-    faint guide line, so a measured line at the same value never hides it.
-    """
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-    labels = ("R_auth (the owner's watermark)", "function-preserving rate")
-    for ax, y, label in zip(axes, ("R_auth", "function_preserving"), labels, strict=True):
-        _panel(ax, frame, x, y, by, xlabel, label, spread, integer)
-        right = at if at is not None else frame[x].max() + 0.04 * np.ptp(frame[x])
-        for value, text in paper.get(y, ()):
-            ax.axhline(value, color="grey", linestyle=":", linewidth=0.8, zorder=0)
-            ax.plot([right], [value], marker="*", markersize=12, color="dimgrey",
-                    linestyle="none", label=f"paper: {text}")  # fmt: skip
-        _legend(ax)
-    fig.suptitle(title)
-    return fig
-
-
-def _fig3(plt, keys, budgets, refs):
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
-    keys, budgets = keys.assign(changed=100 * keys["changed_fraction"]), budgets.assign(
-        budget=100 * budgets["top_fraction"])  # fmt: skip
-    _panel(left, keys, "keys", "changed", ["model", "dataset"], "number of keys",
-           "changed parameters (%)")  # fmt: skip
-    kept = budgets[budgets["R_auth"] >= 1.0]
-    left.scatter(kept["keys"], 100 * kept["changed_fraction"], marker="x", color="C3", zorder=3,
-                 label="smaller mask budgets that keep R_auth 1.0")  # fmt: skip
-    for (name, value), style in zip(refs.items(), ("--", ":"), strict=False):
-        left.axhline(100 * value, color="grey", linestyle=style, label=f"paper: {name} (at most)")
-    left.set(yscale="log", ylim=(1e-3, 10), xticks=sorted(set(keys["keys"])))
-    _panel(right, budgets, "budget", "R_auth", ["model"], "mask budget per layer (%)", "R_auth")
-    right.axvline(2.5, color="grey", linestyle="--", label="paper: top 2.5% (all experiments)")
-    ticks = sorted(set(budgets["budget"]))
-    right.set(xscale="log", xticks=ticks, xticklabels=[f"{b:g}%" for b in ticks])
-    right.minorticks_off()
-    for ax in (left, right):
-        _legend(ax)
-    fig.suptitle("Fig. 3: changed parameters, and the mask budget the watermark needs")
-    return fig
-
-
-def plot(folder: Path) -> list[Path]:
-    """Draw Figs. 3-8 from the run's CSVs, with the published values of ``published/bilevel.csv``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder, rows = Path(folder), published("bilevel")
-    ref = {(r.claim, r.metric): (float(r.paper_value), r.description.split(": ", 1)[1])
-           for r in rows[rows["claim"].str.startswith("fig")].itertuples()}  # fmt: skip
-    read = lambda name: pd.read_csv(folder / f"{name}.csv")  # noqa: E731
-    keys = read("table_keys")
-    paper = lambda fig, *metrics: {m: [ref[(fig, m)]] for m in metrics}  # noqa: E731
-    figures = {
-        "fig3": _fig3(plt, keys, read("table_budgets"), {
-            "VGG-16": ref[("fig3", "changed_fraction:vgg16")][0],
-            "Inception-V3": ref[("fig3", "changed_fraction:inception_v3")][0]}),
-        "fig4": _figure(plt, read("fig4"), "epoch", ["model", "fine_tuning", "watermark"],
-                        "fine-tuning epoch", "Fig. 4: fine-tuning on held-out data",
-                        paper("fig4", "R_auth"), 0.06, True),
-        "fig5": _figure(plt, read("fig5"), "rate", ["model", "watermark"], "pruning rate",
-                        "Fig. 5: magnitude pruning", paper("fig5", "R_auth"), 0.006, at=0.5),
-        "fig6": _figure(plt, read("fig6"), "step", ["model", "dataset"],
-                        "outer phase of the adversary's embedding",
-                        "Fig. 6: overwriting with a second watermark of the same size",
-                        paper("fig6", "R_auth"), integer=True),
-        "fig7": _figure(plt, read("fig7"), "step", ["model", "dataset"],
-                        "adversary's keys embedded one by one",
-                        "Fig. 7: sequential single-key overwriting", paper("fig7", "R_auth"),
-                        integer=True),
-        "fig8": _figure(plt, keys, "keys", ["model", "dataset"], "number of keys",
-                        "Fig. 8: capacity", paper("fig8", "R_auth", "function_preserving"),
-                        integer=True),
-    }  # fmt: skip
-    return [save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()]

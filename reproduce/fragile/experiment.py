@@ -1,187 +1,31 @@
-"""``python -m reproduce fragile``: Yin et al. 2022, fragile watermarking with no performance degradation.
-
-Z. Yin, H. Yin, X. Zhang, "Neural network fragile watermarking with no model
-performance degradation", ICIP 2022, as a thin script over the library:
-:class:`~watermarks.fragile.FragileTrigger` makes the trigger sets (``trigger_set``
-also gives the unfit G_var of Table 3), :class:`~watermarks.fragile.FragileFineTune`
-is Table 2's fine-tuning embedding ([14]-style), :func:`~watermarks.fragile.fragility_check`
-the no-false-alarm check and :class:`~attacks.malicious.MaliciousFineTune` the section
-4.2 adversary, followed by an AccTri :class:`~models.training.Hook` per key. The
-classifiers are the zoo's base models (:func:`reproduce.zoo.recipe`, trained once for
-every paper). Writes table2-4, table4_curves, fig2 (csv and png), verification,
-attacks, cifar100 (paper preset) and claims F1-F8 (thresholds: ``published/fragile.csv``).
+"""The fragile run: ``run`` trains the zoo's classifiers, makes every trigger set, checks
+them after a round trip, attacks them with malicious fine-tuning and stages Tables 2-4,
+Fig. 2's curves, the CIFAR-100 row and the claims' measurements.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 import models
-from attacks.malicious import MaliciousConfig, MaliciousFineTune
+from attacks.malicious import MaliciousFineTune
 from models import classifier
 from models.config import replace
 from models.io import array_digest
-from models.training import Hook, TrainConfig
-from reproduce import zoo
-from reproduce.report import Run, save_figure
-from watermarks.base import Key
-from watermarks.fragile import (
-    FragileConfig,
-    FragileFineTune,
-    FragileFineTuneConfig,
-    FragileTrigger,
-    fragility_check,
+from models.training import Hook
+from reproduce.fragile.config import (
+    _THRESHOLD,
+    GENERATORS,
+    PAPER_CLASSIFIERS,
+    Classifier,
+    FragileRunConfig,
 )
-
-TITLE = "Neural network fragile watermarking with no model performance degradation (Yin et al., ICIP 2022)"
-PRESETS = ("smoke", "quick", "paper")
-GENERATORS = {"non": "G_non", "cla": "G_cla", "full": "G_full", "var": "G_var"}
-PAPER_CLASSIFIERS = ("resnet18", "resnet50", "resnet101", "resnet152")
-_CLASSIFIERS = {"smoke": ("lenet5",), "quick": ("resnet20v1", "lenet5"), "paper": PAPER_CLASSIFIERS}
-_DATASET = {"smoke": "fashion_mnist", "quick": "fashion_mnist", "paper": "cifar10"}
-_CLEAN_IMAGES = {"smoke": 300, "quick": 5000, "paper": None}
-_SWEEP = {"smoke": (1.0, 200.0, 800.0)}
-_PAPER_SWEEP = (1.0, 100.0, 200.0, 400.0, 800.0)
-_THRESHOLD = 1.0  # AccTri of an intact model (FragileConfig.threshold)
-
-PRESET_NOTES = {
-    "smoke": "512 Fashion-MNIST images, the zoo's LeNet5 after one epoch; the units' smoke presets "
-    "(30 triggers, 40 generator steps, one fine-tuning epoch on 300 images plus 40 BIM images): "
-    "checks the pipeline end to end, not the claims.",
-    "quick": "Fashion-MNIST (28x28x1) instead of CIFAR-10; the zoo's quick ResNet20v1 (the CAE "
-    "recipe, up to 8 epochs with early stopping, shared with `reproduce models`) instead of "
-    "ResNet18, and the zoo's quick LeNet5 as the second classifier of Table 4 instead of "
-    "ResNet50/101/152; the small convolutional generator (width 64) instead of PGAN, 60 steps "
-    "(Adam 1e-3, the Var weight ramped up over the first 30) instead of 300; malicious fine-tuning "
-    "for 5 epochs instead of 60, on 5,000 clean training images (a stratified subset) plus 1,000 "
-    "BIM-made backdoor images instead of the whole training set; the fine-tuning embedding of "
-    "Table 2 on the same 5,000 images; no CIFAR-100 experiment.",
-    "paper": "The paper's setting as far as it is given: CIFAR-10 with ResNet18 (Fig. 2, Tables 2 "
-    "and 3) and ResNet18/50/101/152 (Table 4), CIFAR-100 with ResNet18 and a = 4000; the "
-    "progressive-growing generator trained for 300 epochs; n = 100; 60 fine-tuning epochs on the "
-    "whole training set plus 1,000 BIM-made images. The classifiers are trained with the zoo's "
-    "paper recipe (the paper gives none).",
-}
-
-
-@dataclass(frozen=True)
-class Classifier:
-    """One classifier of the experiments and its training recipe (the zoo's)."""
-
-    model: str
-    train: TrainConfig
-
-
-@dataclass(frozen=True)
-class FragileRunConfig:
-    """Everything one reproduction does: the first classifier is Fig. 2's and Tables 2-3's.
-
-    ``trigger`` is G_full's config (the other generators and Table 4's sweep
-    change ``variant`` and ``a``), ``baseline`` Table 2's fine-tuning
-    embedding, ``attack`` the adversary (``layers`` set per experiment),
-    ``clean_images`` the adversary's clean images (None: the whole split).
-    """
-
-    preset: str
-    dataset: str
-    classifiers: tuple[Classifier, ...]
-    max_train: int | None
-    max_test: int | None
-    clean_images: int | None
-    trigger: FragileConfig
-    a_sweep: tuple[float, ...]
-    baseline: FragileFineTuneConfig
-    attack: MaliciousConfig
-    cifar100: Classifier | None
-    cifar100_a: float
-    seed: int
-    data_dir: str | None = None
-
-    @property
-    def main(self) -> str:
-        return self.classifiers[0].model
-
-    def generator(self, variant: str, a: float | None = None) -> FragileConfig:
-        return replace(self.trigger, variant=variant, a=float(self.trigger.a if a is None else a))
-
-
-def make_config(
-    preset: str, *, dataset: str | None = None, data_dir=None, seed: int = 0, cache: bool = True
-) -> FragileRunConfig:
-    """Resolve a preset (see :data:`PRESET_NOTES`); caching is the runner's switch (``cache``)."""
-    models.check_dataset(dataset)
-    if preset not in PRESETS:
-        raise models.UnknownNameError("preset", preset, PRESETS)
-    name = dataset or _DATASET[preset]
-
-    def entry(model: str, data: str) -> Classifier:
-        return Classifier(model, dataclasses.replace(zoo.recipe(preset, model, data), seed=seed))
-
-    trigger = FragileTrigger.preset_config(preset, seed=seed)
-    # the baseline draws G_non's triggers: the same untrained generator, noise and seed
-    baseline = {"n": trigger.n, "generator": trigger.generator, "width": trigger.width}
-    smoke = preset == "smoke"
-    return FragileRunConfig(
-        preset=preset,
-        dataset=name,
-        classifiers=tuple(entry(m, name) for m in _CLASSIFIERS[preset]),
-        max_train=512 if smoke else None,  # the zoo's smoke slice, so the same base model
-        max_test=256 if smoke else None,
-        clean_images=_CLEAN_IMAGES[preset],
-        trigger=trigger,
-        a_sweep=_SWEEP.get(preset, _PAPER_SWEEP),
-        baseline=FragileFineTune.preset_config(preset, seed=seed, **baseline),
-        attack=MaliciousFineTune.preset_config(preset, seed=seed),
-        cifar100=entry("resnet18", "cifar100") if preset == "paper" else None,
-        cifar100_a=4000.0,
-        seed=seed,
-        data_dir=str(data_dir) if data_dir else None,
-    )
-
-
-def plan(config: FragileRunConfig) -> list[dict]:
-    """The trainings and loops of the preset (:mod:`reproduce.plan`); "up to": may stop early."""
-    from reproduce.plan import train_row
-
-    rows, attack = [], config.attack
-    runs = [(config.dataset, config.classifiers, len(config.a_sweep) * len(config.classifiers))]
-    if config.cifar100 is not None:
-        runs.append(("cifar100", (config.cifar100,), 1))
-    for dataset, entries, generators in runs:
-        images, shape, classes = zoo.dataset_size(dataset)
-        images = min(images, config.max_train or images)
-        clean = min(images, config.clean_images or images)
-        attacked, last = clean + attack.backdoor_images, "malicious fine-tuning, last layer"
-        tasks = [("classifier", c.model, images, c.train.epochs) for c in entries]
-        tasks += [(last, c.model, attacked, attack.epochs) for c in entries]
-        if dataset == config.dataset:  # Table 2's baseline, Fig. 2a; generators G_cla and G_var
-            base = config.baseline
-            embedded = clean + base.repeats * base.n
-            tasks.append(
-                ("fine-tuning embedding [14], up to", config.main, embedded, base.max_epochs)
-            )
-            tasks.append(
-                ("malicious fine-tuning, all layers", config.main, attacked, attack.epochs)
-            )
-            generators += 2
-        rows += [train_row(what, m, shape, classes, n, epochs) for what, m, n, epochs in tasks]
-        steps = config.trigger.max_epochs
-        rows.append(_loop(f"generator steps ({dataset}), up to", steps, generators))
-        rows.append(_loop(f"BIM iterations ({dataset})", attack.max_iter, len(entries)))
-    return rows
-
-
-def _loop(what: str, steps: int, count: int) -> dict:
-    return {"kind": "loop", "what": what, "steps": steps, "count": count}
-
-
-# --------------------------------------------------------------------------- the run
+from reproduce.report import Run
+from watermarks.base import Key
+from watermarks.fragile import FragileFineTune, FragileTrigger, fragility_check
 
 
 def run(config: FragileRunConfig, out: Run) -> None:
@@ -421,64 +265,3 @@ def _measure(out, config, checks, fig2) -> None:
     out.describe(shown_unfit=shown, epochs=config.attack.epochs)
     text = ", ".join(f"{g} {v:.4f}" for g, v in means.items())
     out.section("Fig. 2a: mean AccTri over the fine-tuning epochs", text)
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def plot(folder: Path) -> list[Path]:
-    """Draw ``fig2.png`` from the run's CSVs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    return [_plot_fig2(Path(folder))]
-
-
-_STYLE = {
-    "G_non": ("o", "#4c72b0"),
-    "G_cla": ("s", "#dd8452"),
-    "G_full": ("^", "#c44e52"),
-    "G_var": ("D", "#55a868"),
-}
-
-
-def _plot_fig2(folder: Path) -> Path:
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig2 = pd.read_csv(folder / "fig2.csv")
-    fit = pd.read_csv(folder / "table3.csv").set_index("generator")["fit_for_verification"]
-    paper = pd.read_csv(folder / "table4.csv", dtype={"paper_resnet18": str}).set_index("a")
-    paper = pd.to_numeric(paper["paper_resnet18"], errors="coerce").get(200.0, np.nan)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, layers in zip(axes, ("all", "last"), strict=True):
-        part = fig2[fig2["layers"] == layers]
-        for i, (name, (marker, colour)) in enumerate(_STYLE.items()):  # offsets: none hidden
-            ok = bool(fit.get(name, True))
-            label = f"{'abcd'[i]}: {name}" + ("" if ok else " (unfit: ties)")
-            x, style = part["epoch"] + (i - 1.5) * 0.06, "-" if ok else ":"
-            ax.plot(x, part[name], marker=marker, color=colour, linestyle=style, label=label)
-        ax.axhline(_THRESHOLD, color="black", ls=(0, (2, 3)), lw=1, zorder=3, label="threshold")
-        title = "(a) all layers" if layers == "all" else "(b) last layer only"
-        ax.set(title=title, xlabel="fine-tuning epoch (0: unmodified)", ylim=(-0.03, 1.08))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    # (b): the mean of c beside the paper's Table 4 mean, right of the curves (hiding none)
-    last, end = fig2[(fig2["layers"] == "last") & (fig2["epoch"] >= 1)], fig2["epoch"].max()
-    axes[1].hlines(
-        last["G_full"].mean(),
-        end + 0.3,
-        end + 0.9,
-        color="#c44e52",
-        lw=3,
-        label="mean of c (measured)",
-    )
-    if np.isfinite(paper):
-        label = "paper: mean AccTri, G_full a = 200, ResNet-18 (Table 4)"
-        axes[1].hlines(paper, end + 0.3, end + 0.9, color="grey", lw=3, label=label)
-    ticks = list(range(0, int(end) + 1, max(1, int(end) // 6)))
-    axes[1].set_xticks([*ticks, end + 0.6], [*map(str, ticks), "mean"])
-    axes[0].set_ylabel("AccTri")
-    handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, 0))
-    return save_figure(fig, folder / "fig2.png")
