@@ -41,6 +41,7 @@ CLAIM_COLUMNS = [
     "paper",
     "measured",
     "holds",
+    "margin",
     "metric",
     "op",
     "threshold",
@@ -65,6 +66,12 @@ _OPS = {
     "==": operator.eq,
 }
 PUBLISHED_DIR = Path(__file__).with_name("published")
+_MARGIN_NOTE = (
+    "`margin`: how far the measured value lies from the threshold on the side where the claim "
+    "holds (negative: it fails by that much). These are one seed's numbers: a row with a small "
+    "margin can flip on another machine or seed; `python -m reproduce matrix --seeds N` measures "
+    "the spread over seeds."
+)
 #: longer tables are left to their CSV in REPORT.md
 REPORT_MAX_ROWS = 200
 _LIBRARIES = (
@@ -192,6 +199,18 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
+def margin(value: float | None, op: str, threshold: float | None) -> float | None:
+    """How far ``value`` lies from ``threshold`` on the side where the claim holds.
+
+    Positive: holds with that much to spare; negative: fails by that much; None for ``==``
+    (a count) and for an unmeasured row. With one seed, a small margin is one that run-to-run
+    noise (another machine, another seed) can cross.
+    """
+    if value is None or threshold is None or op == "==":
+        return None
+    return value - threshold if op in (">=", ">") else threshold - value
+
+
 def evaluate_claims(
     rows: pd.DataFrame, measured: Mapping[str, Any], context: Mapping[str, Any]
 ) -> pd.DataFrame:
@@ -224,6 +243,7 @@ def evaluate_claims(
                 "paper": "" if pd.isna(row.paper_value) else row.paper_value,
                 "measured": NOT_MEASURED if value is None else value,
                 "holds": holds,
+                "margin": margin(value, row.op, threshold),
                 "metric": row.metric,
                 "op": row.op,
                 "threshold": threshold_text if threshold is None else threshold,
@@ -353,6 +373,7 @@ class Run:
         lines[-2] += f"; {unmeasured} not measured)" if unmeasured else ")"
         shown = claims.drop(columns=["op", "threshold"]) if len(claims) else claims
         lines.append(shown.to_markdown(index=False) if len(claims) else "No claims.")
+        lines += ["", _MARGIN_NOTE]
         for name in self.tables:
             frame = pd.read_csv(self.staging / f"{name}.csv")
             lines += ["", f"## {name}", ""]

@@ -25,6 +25,7 @@ from models.training import Hook, TrainConfig
 from reproduce.bilevel.config import (
     _CHOICES,
     DEVIATIONS,
+    NOISE,
     OVERWRITTEN_VARIANTS,
     STRENGTHS,
     VARIANTS,
@@ -398,3 +399,4 @@ def run(config: BiLevelReproduction, out: Run) -> None:
                  "table_controls", "fig4", "fig5", "fig6", "fig7"):  # fmt: skip
         out.table(name, pd.concat(frames[name], ignore_index=True))
     out.section("Deviations from the paper", DEVIATIONS)
+    out.section("Run-to-run noise", NOISE)

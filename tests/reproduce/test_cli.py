@@ -239,3 +239,30 @@ def test_missing_dataset_exits_2_and_writes_nothing(capsys, tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir() if p.name != "tfds"] == [
         "data"
     ]  # nothing left behind
+
+
+def test_claims_give_the_margin_on_the_side_where_they_hold():
+    from reproduce.report import evaluate_claims
+
+    rows = pd.DataFrame(
+        [
+            ("A", "", "at least", "", "a", ">=", "0.8", "true"),
+            ("B", "", "at most", "", "b", "<=", "0.1", "true"),
+            ("C", "", "a count", "", "c", "==", "0", "true"),
+            ("D", "", "unmeasured", "", "d", ">", "1", "true"),
+        ],
+        columns=[
+            "claim",
+            "preset",
+            "description",
+            "paper_value",
+            "metric",
+            "op",
+            "threshold",
+            "required",
+        ],
+    )
+    claims = evaluate_claims(rows, {"a": 0.75, "b": 0.04, "c": 0}, {}).set_index("claim")
+    assert claims.loc["A", "margin"] == pytest.approx(-0.05) and not claims.loc["A", "holds"]
+    assert claims.loc["B", "margin"] == pytest.approx(0.06) and claims.loc["B", "holds"]
+    assert pd.isna(claims.loc["C", "margin"]) and pd.isna(claims.loc["D", "margin"])
