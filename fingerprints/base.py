@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from models.errors import UserError
+from models.errors import EmbeddingFailed, UserError
 from models.evidence import Evidence, Verification
 from models.io import load_npz, save_npz
 from models.registry import Registry
@@ -197,15 +197,35 @@ class Fingerprint(Evidence):
 
         Raises:
             UserError: the model fails the gate (:func:`models.sanity.check_model`).
+            EmbeddingFailed: no candidate passed the scheme's filter: an empty set proves
+                nothing and is not written as a fingerprint file (under ``--max-steps`` it is
+                logged and returned, as :meth:`watermarks.base.Watermark.embed` does).
         """
         from models.sanity import check_model
+        from models.training import max_steps
 
         check_model(model, data)
-        return self._generate(model, data)
+        prints = self._generate(model, data)
+        if len(prints) == 0 and max_steps() is None:
+            raise EmbeddingFailed(
+                f"{self.name}: no candidate passed the filter, so there are no fingerprints "
+                f"({_failure_facts(prints.metadata)})"
+            )
+        return prints
 
     @abc.abstractmethod
     def _generate(self, model, data) -> Fingerprints:
         """The scheme's generation, on a model that passed the gate."""
+
+
+def _failure_facts(metadata: Mapping[str, Any]) -> str:
+    """What a generation that kept nothing measured, in words."""
+    facts = [f"{metadata[k]} {k}" for k in ("candidates", "adversarial") if k in metadata]
+    if "max_conferrability" in metadata:
+        facts.append(f"the most conferrable at {metadata['max_conferrability']:.3f}")
+    if "min_conferrability" in metadata:
+        facts.append(f"the filter at {metadata['min_conferrability']:.2f}")
+    return ", ".join(facts) or "no generation facts recorded"
 
 
 def names() -> list[str]:

@@ -17,6 +17,11 @@ class UserError(Exception):
     """A problem with the user's input, explained in one line."""
 
 
+class EmbeddingFailed(UserError):
+    """Ownership evidence that its own verifier does not accept: a watermark not present (or
+    intact) after embedding, or a fingerprint generation that kept no fingerprint."""
+
+
 class UnknownNameError(UserError, KeyError):
     """A name looked up in a registry that does not hold it."""
 

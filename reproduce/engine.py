@@ -44,7 +44,7 @@ import numpy as np
 
 import models
 from models import classifier
-from models.errors import UserError
+from models.errors import EmbeddingFailed, UserError
 from models.io import write_text
 from models.training import TrainConfig, default_cache_dir, deterministic, seed_everything
 
@@ -58,6 +58,8 @@ ENGINE_VERSION = 2
 QUERY_LEVEL = ("preprocessor", "postprocessor", "poisoning_defence")
 #: the status (and verdict) of a cell whose attack does not apply to its row
 NOT_APPLICABLE = "not applicable"
+#: an embedding (generation) its own verifier did not accept: its row's cells are n/a
+FAILED = "embedding failed"
 
 
 @dataclass(frozen=True)
@@ -228,12 +230,11 @@ def _embed(plan: Plan, seed: int, name: str) -> dict:
     start = time.perf_counter()
     folder = plan.folder(seed) / "units" / name
     folder.mkdir(parents=True, exist_ok=True)
-    if name in plan.fingerprints:
-        secret, model = unit.generate(ctx.base, ctx.data), ctx.base
-    else:
-        source = ctx.base if unit.uses_weights else _fresh(plan, ctx)
-        marked = unit.embed(source, ctx.data)
-        secret, model = marked.key, marked.model
+    try:
+        secret, model = _evidence(plan, ctx, unit, name)
+    except EmbeddingFailed as failure:  # a row of n/a cells that say why, not a crashed run
+        log.warning("matrix: %s", failure)
+        return _failed_row(unit, ctx, time.perf_counter() - start, str(failure))
     seconds = time.perf_counter() - start
     models.save_model(model, folder / "model.keras")
     secret.save(_secret_path(plan.folder(seed), name))
@@ -241,11 +242,48 @@ def _embed(plan: Plan, seed: int, name: str) -> dict:
     return {
         "unit": name,
         "kind": result.kind,
+        "status": "ok",
+        "reason": "",
         "seconds": seconds,
         "test_accuracy": classifier.accuracy(model, ctx.data.x_test, ctx.data.y_test),
         "base_test_accuracy": classifier.accuracy(ctx.base, ctx.data.x_test, ctx.data.y_test),
         **_verification_row(result),
     }
+
+
+def _evidence(plan: Plan, ctx: Context, unit, name: str):
+    """(secret, model): the fingerprints of the base model, or a key and the marked model."""
+    if name in plan.fingerprints:
+        return unit.generate(ctx.base, ctx.data), ctx.base
+    source = ctx.base if unit.uses_weights else _fresh(plan, ctx)
+    marked = unit.embed(source, ctx.data)
+    return marked.key, marked.model
+
+
+def _failed_row(unit, ctx: Context, seconds: float, reason: str) -> dict:
+    return {
+        "unit": unit.name,
+        "kind": unit.kind,
+        "status": FAILED,
+        "reason": reason,
+        "seconds": seconds,
+        "test_accuracy": math.nan,
+        "base_test_accuracy": classifier.accuracy(ctx.base, ctx.data.x_test, ctx.data.y_test),
+        "statistic": math.nan,
+        "threshold": math.nan,
+        "p_value": math.nan,
+        "positive": False,
+        "label": FAILED,
+    }
+
+
+def failure(plan: Plan, seed: int, name: str) -> str | None:
+    """Why unit ``name`` has no evidence for ``seed`` (its embedding failed), or None."""
+    path = plan.folder(seed) / "units" / name / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary["reason"] if summary.get("status") == FAILED else None
 
 
 def _fresh(plan: Plan, ctx: Context):
@@ -282,6 +320,8 @@ def _null(plan: Plan, seed: int, index: int) -> dict:
         model = _surrogate(ctx, plan, null_seed)
     rows = []
     for name in plan.units:
+        if failure(plan, seed, name) is not None:
+            continue
         secret = _load_secret(plan, plan.folder(seed), name)
         result = _unit(plan, name, seed).verify(model, secret)
         rows.append({"unit": name, **_verification_row(result)})
@@ -338,12 +378,15 @@ def _cell(plan: Plan, seed: int, name: str, column: str) -> dict:
     import attacks
     from attacks.base import Inapplicable
 
+    unit = _unit(plan, name, seed)
+    row = {"unit": name, "column": column, "kind": unit.kind}
+    failed = failure(plan, seed, name)
+    if failed is not None:
+        return {**row, "status": NOT_APPLICABLE, "reason": f"no evidence to attack: {failed}"}
     ctx = context(plan, seed)
     folder = plan.folder(seed)
-    unit = _unit(plan, name, seed)
     secret = _load_secret(plan, folder, name)
     model = models.load_model(folder / "units" / name / "model.keras")
-    row = {"unit": name, "column": column, "kind": unit.kind}
     attack_name, options = column_unit(column)
     reason = _not_applicable(plan, unit, name, attack_name, options)
     if reason is None:

@@ -9,7 +9,10 @@
   the scheme's own verdict on its null models, and for a fingerprint the
   ROC-AUC and TPR at 5% FPR of surrogates and attacked copies against
   independent models;
-* ``matrix_summary.csv``: per cell, the mean over seeds and its 95% interval.
+* ``matrix_summary.csv``: per cell, the mean over seeds and its 95% interval;
+* ``embeddings.csv``: per unit and seed, its embedding (generation): status, the
+  verifier's statistic, threshold and verdict on the marked model, test accuracy,
+  seconds; a failed one (``embedding failed``) says why, and its cells are n/a.
 """
 
 from __future__ import annotations
@@ -33,11 +36,15 @@ _DERIVED = ("surrogate",)
 def tables(plan, results: dict, kinds: list[str]) -> dict[str, pd.DataFrame]:
     """``matrix``, ``nulls`` and ``null_rates`` frames from the tasks' results."""
     embeds = pd.DataFrame(results["embed"])
+    embeds["status"] = embeds.get("status", pd.Series(index=embeds.index, dtype=object)).fillna(
+        "ok"
+    )
+    embeds["reason"] = embeds.get("reason", pd.Series(index=embeds.index, dtype=object)).fillna("")
     nulls = _nulls(results["null"], embeds)
     rates = _null_rates(plan, embeds, nulls)
     matrix = _matrix(results["cell"], embeds, nulls, rates)
     rates = _fingerprint_rates(plan, rates, nulls, matrix)
-    return {"matrix": matrix, "nulls": nulls, "null_rates": rates}
+    return {"matrix": matrix, "nulls": nulls, "null_rates": rates, "embeddings": embeds}
 
 
 def _nulls(results: list[dict], embeds: pd.DataFrame) -> pd.DataFrame:
@@ -89,7 +96,9 @@ def _null_rates(plan, embeds: pd.DataFrame, nulls: pd.DataFrame) -> pd.DataFrame
                 "contradicts_assumed_null": fpr > 0,
             }
         )
-    return pd.DataFrame(rows)
+    columns = ["seed", "unit", "kind", "null_models", "threshold", "null_max", "null_mean",
+               "false_positive_rate", "decision_threshold", "contradicts_assumed_null"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _empirical_p(statistic: float, null: np.ndarray) -> float:
@@ -103,7 +112,9 @@ def _matrix(cells: list[dict], embeds, nulls, rates) -> pd.DataFrame:
     negatives = _negatives(nulls)
     for cell in cells:
         embed = embeds[(embeds["unit"] == cell["unit"]) & (embeds["seed"] == cell["seed"])].iloc[0]
-        rate = rates[(rates["unit"] == cell["unit"]) & (rates["seed"] == cell["seed"])].iloc[0]
+        rate = rates[(rates["unit"] == cell["unit"]) & (rates["seed"] == cell["seed"])]
+        # no null rate: the row's embedding failed and its cells are n/a
+        decision = float(rate["decision_threshold"].iloc[0]) if len(rate) else math.nan
         sample = negatives[
             (negatives["unit"] == cell["unit"]) & (negatives["seed"] == cell["seed"])
         ]
@@ -118,11 +129,11 @@ def _matrix(cells: list[dict], embeds, nulls, rates) -> pd.DataFrame:
             "statistic_before": embed["statistic"],
             "statistic_after": after,
             "threshold": embed["threshold"],
-            "decision_threshold": rate["decision_threshold"],
+            "decision_threshold": decision,
             "p_value_after": cell.get("p_value_after", math.nan),
             "empirical_p_after": _empirical_p(after, sample["statistic"].to_numpy(float)),
             "verdict_before": embed["label"],
-            "verdict_after": _verdict(cell, embed["kind"], after, rate["decision_threshold"]),
+            "verdict_after": _verdict(cell, embed["kind"], after, decision),
             "scheme_verdict_after": cell.get("label_after", ""),
             "test_accuracy_before": embed["test_accuracy"],
             "test_accuracy_after": cell.get("test_accuracy_after", math.nan),
@@ -283,6 +294,10 @@ def _sections(out: Run, frames: dict) -> None:
             for r in contradicted.itertuples()
         )
     out.section("Where the measured null contradicts the assumed one", text)
+    failed = frames["embeddings"][frames["embeddings"]["status"] != "ok"]
+    if len(failed):
+        out.section("Embeddings that failed (their rows are n/a)", "\n".join(
+            f"- `{r.unit}` (seed {r.seed}): {r.reason}" for r in failed.itertuples()))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- figures

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from models.errors import UserError
+from models.errors import EmbeddingFailed, UserError
 from models.evidence import Evidence, Verification
 from models.io import load_npz, save_npz
 from models.registry import Registry
@@ -54,10 +54,6 @@ REGISTRY = Registry(
     "watermark scheme", ("watermarks.backdoor", "watermarks.fragile", "watermarks.bilevel")
 )
 _RESERVED = ("inputs", "labels", "scheme", "metadata")
-
-
-class EmbeddingFailed(UserError):
-    """An embedding that the scheme's own verifier does not call present (or intact)."""
 
 
 @dataclass(frozen=True)

@@ -120,3 +120,19 @@ def test_registry_and_options():
     assert config.eps == 0.1
     with pytest.raises(UserError, match="unknown option"):
         build_config(fingerprints.get("cae").Config, {"epsilon": 0.1})
+
+
+def test_a_generation_that_keeps_nothing_is_an_error_not_a_file(monkeypatch):
+    """Issue 15: evidence its own filter rejected entirely is an error (exit 2), not a key."""
+    from fingerprints.cae import CAE
+    from models.errors import EmbeddingFailed
+    from models.training import set_max_steps
+
+    facts = {"candidates": 300, "adversarial": 47, "max_conferrability": 0.497,
+             "min_conferrability": 0.85}  # fmt: skip
+    monkeypatch.setattr("models.sanity.check_model", lambda *a, **k: None)
+    monkeypatch.setattr(CAE, "_generate", lambda self, m, d: make(n=0, metadata=facts))
+    with pytest.raises(EmbeddingFailed, match="300 candidates, 47 adversarial.*0.497.*0.85"):
+        CAE.from_preset("smoke").generate(None, None)
+    set_max_steps(2)  # a preset proven at two steps logs it and goes on
+    assert len(CAE.from_preset("smoke").generate(None, None)) == 0

@@ -81,3 +81,29 @@ def test_smoke_matrix_local_and_ray_give_the_same_cells(tmp_path, monkeypatch):
     assert set(claims["claim"]) >= {"M1", "M2", "M3", "M4"}
     for name in ("matrix.csv", "nulls.csv", "null_rates.csv", "fig_matrix.png", "fig_tradeoff.png"):
         assert (outs["local"] / name).is_file()
+
+
+def test_a_row_whose_embedding_failed_is_n_a_not_a_crash(tmp_path, monkeypatch, capsys):
+    """The quick matrix once died on a CAE generation that kept no fingerprint."""
+    from fingerprints.cae import CAE
+    from models.errors import EmbeddingFailed
+
+    def keeps_nothing(self, model, data):
+        raise EmbeddingFailed("cae: no candidate passed the filter (a test)")
+
+    monkeypatch.setattr(CAE, "generate", keeps_nothing)
+    monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    argv = ["matrix", "--preset", "smoke", "--schemes", "zhang_content,cae"]
+    assert main([*argv, "--attacks", "identity,ftal", "--out", str(out)]) == 0
+    frame = pd.read_csv(out / "matrix.csv", keep_default_na=False)
+    cae = frame[frame["unit"] == "cae"]
+    assert len(cae) == 2 and set(cae["status"]) == {"not applicable"}
+    assert cae["reason"].str.contains("no candidate passed the filter").all()
+    assert set(frame[frame["unit"] == "zhang_content"]["status"]) == {"ok"}
+    embeddings = pd.read_csv(out / "embeddings.csv", keep_default_na=False)
+    assert embeddings.set_index("unit").loc["cae", "status"] == "embedding failed"
+    claims = pd.read_csv(out / "claims.csv", keep_default_na=False)
+    m2 = claims[claims["metric"] == "identity_not_positive"].iloc[0]
+    assert m2["holds"] == "False" and float(m2["measured"]) == 1.0  # the failed row counts
+    assert "Embeddings that failed" in (out / "REPORT.md").read_text()
