@@ -242,7 +242,7 @@ def test_missing_dataset_exits_2_and_writes_nothing(capsys, tmp_path, monkeypatc
 
 
 def test_claims_give_the_margin_on_the_side_where_they_hold():
-    from reproduce.report import evaluate_claims
+    from reproduce.report import PUBLISHED_COLUMNS, evaluate_claims
 
     rows = pd.DataFrame(
         [
@@ -251,16 +251,7 @@ def test_claims_give_the_margin_on_the_side_where_they_hold():
             ("C", "", "a count", "", "c", "==", "0", "true"),
             ("D", "", "unmeasured", "", "d", ">", "1", "true"),
         ],
-        columns=[
-            "claim",
-            "preset",
-            "description",
-            "paper_value",
-            "metric",
-            "op",
-            "threshold",
-            "required",
-        ],
+        columns=PUBLISHED_COLUMNS,
     )
     claims = evaluate_claims(rows, {"a": 0.75, "b": 0.04, "c": 0}, {}).set_index("claim")
     assert claims.loc["A", "margin"] == pytest.approx(-0.05) and not claims.loc["A", "holds"]
