@@ -73,6 +73,27 @@ def test_cache_key_depends_on_what_is_trained(digits):
     assert base != cache_key(a, (x, y), FAST, tag="masked")  # other training step
 
 
+def test_cache_key_ignores_how_the_model_was_compiled_before(digits):
+    """A clone of a compiled source trains like a clone of an uncompiled one: one cache entry.
+
+    Keyed with the source's compile config, the quick matrix retrained its 26 CAE family
+    members in the next process.
+    """
+    x, y = digits.x_train, digits.y_train
+    models.seed_everything(3)
+    compiled = models.build("_tiny_cnn", digits.input_shape, digits.num_classes)
+    models.seed_everything(3)
+    plain = models.build("_tiny_cnn", digits.input_shape, digits.num_classes)
+    before = cache_key(compiled, (x, y), FAST)
+    compiled.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    assert cache_key(compiled, (x, y), FAST) == before
+    clones = []
+    for source in (compiled, plain):
+        models.seed_everything(5)
+        clones.append(keras.models.clone_model(source))
+    assert cache_key(clones[0], (x, y), FAST) == cache_key(clones[1], (x, y), FAST)
+
+
 KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys
