@@ -54,6 +54,12 @@ def test_presets_keep_the_papers_sizes_and_let_the_adversary_choose_dt_ct():
     # the vanilla Table 5 network is the zoo's quick model's recipe and data (shared training)
     assert zhang.train == dataclasses.replace(recipe("quick", "zhang_mnist", zhang.dataset), seed=7)
     assert quick.adi_pt.null_train == quick.adi[0].train == quick.adi_fs.train
+    # issue 14: Adi et al. at quick on the zoo's LeNet5 recipe, not three ResNet20v1 trainings
+    assert quick.adi[0].model == "lenet5"
+    assert quick.adi[0].train == dataclasses.replace(
+        recipe("quick", "lenet5", "fashion_mnist"), seed=7
+    )
+    assert quick.adi_laundering.thresholds == "auto"  # no key chose DT/CT for Adi et al. either
     seeds = {quick.seed, quick.adi_fs.seed, quick.adi_pt.train.seed, quick.rtal.seed}
     seeds |= {quick.pruning.fine_tune.seed, quick.zhang_laundering.seed, zhang.train.seed}
     assert seeds == {7}
