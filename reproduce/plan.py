@@ -2,7 +2,8 @@
 
 A paper module's ``plan(config)`` lists its work as rows: ``kind="train"``
 (architecture, input shape, classes, images per epoch, epochs, how many such
-models) and ``kind="loop"`` (an optimisation loop that is not a training:
+models), ``kind="note"`` (a fact the run depends on, such as pre-trained weights
+that are missing) and ``kind="loop"`` (an optimisation loop that is not a training:
 its steps and how many). Nothing is built or run: the sizes come from the
 config, the parameters and FLOPs from the zoo's architectures built on the
 fly (no data is loaded).
@@ -115,6 +116,7 @@ def describe(paper: str, preset: str, rows: list[dict]) -> str:
     lines.append(frame.to_markdown(index=False) if len(frame) else "(no training)")
     for loop in loops:
         lines.append(f"- {loop['what']}: {loop['count']} x {loop['steps']} steps")
+    lines += [f"- note: {r['what']}" for r in rows if r["kind"] == "note"]
     lines += ["", f"about {total:.2f} GPU-hours of training; assumption: {REFERENCE[3]}, "
               "scaled by FLOPs, capped at 20,000 img/s"]  # fmt: skip
     return "\n".join(lines)

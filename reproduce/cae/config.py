@@ -163,4 +163,18 @@ def plan(config: CaeRunConfig) -> list[dict]:
                               shape, classes, member_images, families.train.epochs, members))  # fmt: skip
         rows.append({"kind": "loop", "what": f"CAE generation ({tag}), Adam steps",
                      "steps": cae.iterations, "count": 1})  # fmt: skip
+        if experiment.architecture == "densenet121":
+            rows.append({"kind": "note", "what": _imagenet_weights(tag)})
     return rows
+
+
+def _imagenet_weights(tag: str) -> str:
+    """Whether the transfer-learning experiment will start from ImageNet weights (never fetched)."""
+    from models.zoo import densenet121_weights_file
+
+    if densenet121_weights_file("imagenet", (32, 32, 3)) is not None:
+        return f"{tag} starts from the ImageNet weights in the Keras cache"
+    return (f"{tag}: the ImageNet weights are NOT in the Keras cache ($KERAS_HOME/models), so "
+            "this experiment would train from random weights, without transfer learning; "
+            "fetch them first: python -c 'import keras; "
+            "keras.applications.DenseNet121(include_top=False)'")  # fmt: skip

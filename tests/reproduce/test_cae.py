@@ -126,3 +126,15 @@ def test_paper_preset_runs_at_two_steps_on_fabricated_data(tmp_path):
     assert len(table) >= 6
     claims = pd.read_csv(out / "claims.csv")
     assert set(claims.columns) == set(CLAIM_COLUMNS)
+
+
+def test_plan_says_whether_the_transfer_learning_weights_are_there(tmp_path, monkeypatch):
+    """DenseNet121+TL without its ImageNet file would silently train from random weights."""
+    from models.zoo import DENSENET121_NOTOP_FILE
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    notes = lambda: [r["what"] for r in cae.plan(cae.make_config("paper")) if r["kind"] == "note"]  # noqa: E731
+    assert len(notes()) == 1 and "NOT in the Keras cache" in notes()[0]
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / DENSENET121_NOTOP_FILE).write_bytes(b"")
+    assert "starts from the ImageNet weights" in notes()[0]
