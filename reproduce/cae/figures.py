@@ -38,6 +38,14 @@ def _plot_fig2(folder: Path) -> Path:
             ylabel="fingerprints",
             title=f"{name[0]}, {name[1]}: {int(per_label.sum())} fingerprints",
         )
+        if per_label.sum() == 0:  # nothing to draw: say so instead of empty axes
+            for ax in (bar_ax, heat_ax):
+                ax.set_axis_off()
+            bar_ax.text(0.5, 0.5, f"{name[0]}, {name[1]}:\nno candidate passed the filter,\n"
+                        "so there are no fingerprints", ha="center", va="center",
+                        transform=bar_ax.transAxes)  # fmt: skip
+            continue
+        bar_ax.set_ylim(0, max(1, per_label.max()) * 1.1)
         rows = matrix.sum(axis=1).replace(0, 1)
         image = heat_ax.imshow((matrix.T / rows).T, cmap="Blues", vmin=0, vmax=1)
         heat_ax.set_xticks(range(len(matrix.columns)), matrix.columns)
