@@ -349,7 +349,7 @@ def _heatmap(table: pd.DataFrame, folder: Path) -> Path:
 def _tradeoff(table: pd.DataFrame, folder: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     ok = table[table["status"] != NOT_APPLICABLE]
     markers = "osD^v<>pPhX*"
     for k, (column, group) in enumerate(ok.groupby("column", sort=False)):
@@ -361,6 +361,8 @@ def _tradeoff(table: pd.DataFrame, folder: Path) -> Path:
     ax.set_ylabel("test accuracy after the attack")
     ax.set_xlim(-0.05, 1.25)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(
+        fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
+    )  # off the data
     ax.set_title("The removal trade-off: each point is one scheme under one attack")
     return save_figure(fig, folder / "fig_tradeoff.png")

@@ -107,3 +107,14 @@ def test_a_row_whose_embedding_failed_is_n_a_not_a_crash(tmp_path, monkeypatch, 
     m2 = claims[claims["metric"] == "identity_not_positive"].iloc[0]
     assert m2["holds"] == "False" and float(m2["measured"]) == 1.0  # the failed row counts
     assert "Embeddings that failed" in (out / "REPORT.md").read_text()
+
+
+def test_overwriting_with_a_scheme_that_keeps_the_weights_is_n_a():
+    """The quick matrix counted fragile x overwrite (a no-op) as 'intact after a change' (M4)."""
+    from reproduce.engine import _not_applicable, _unit
+    from reproduce.matrix import make_config
+
+    plan = make_config("smoke").plan
+    for name, expected in (("fragile", "no-op"), ("fragile_finetune", None), ("bilevel", None)):
+        reason = _not_applicable(plan, _unit(plan, name, 0), name, "overwrite", {})
+        assert (reason is None) if expected is None else (expected in reason), (name, reason)
