@@ -10,7 +10,7 @@ and a killed run resumes where it stopped:
 
 * :func:`embed_task` (seed, unit): the owner's base model marked with one
   scheme (or fingerprinted), its key, and the verification before any attack;
-* :func:`null_task` (seed, index): one model that never saw any key (an
+* :func:`reproduce.nulls.null_task` (seed, index): one model that never saw any key (an
   independent seed on the owner's data, a model of the adversary's data, or
   an extraction surrogate of the unmarked base model), scored against every
   unit's key: the measured null distribution of every verdict;
@@ -50,10 +50,10 @@ from models.training import TrainConfig, default_cache_dir, deterministic, seed_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Plan", "cell_task", "column_unit", "embed_task", "null_kinds", "null_task"]
+__all__ = ["Plan", "cell_task", "column_unit", "embed_task"]
 
 #: bump when a task's result changes shape or meaning: cached results of other versions are not read
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3  # 3: embeddings carry a status (a failed one makes n/a cells)
 #: columns that only transform or filter queries: the weights are untouched
 QUERY_LEVEL = ("preprocessor", "postprocessor", "poisoning_defence")
 #: the status (and verdict) of a cell whose attack does not apply to its row
@@ -291,67 +291,6 @@ def _fresh(plan: Plan, ctx: Context):
 
     seed_everything(plan.base_train.seed)
     return keras.models.clone_model(ctx.base)
-
-
-def null_kinds(plan: Plan) -> list[str]:
-    """The kind of every null model, by index: independent seeds, adversary's data, surrogates."""
-    seeds, adversary, surrogates = plan.nulls
-    return ["independent"] * seeds + ["adversary_data"] * adversary + ["surrogate"] * surrogates
-
-
-def null_task(plan_values: dict, seed: int, index: int) -> dict:
-    """Null model ``index``, scored against every unit's key of ``seed``; cached."""
-    plan = Plan.from_dict(plan_values)
-    path = plan.folder(seed) / "nulls" / f"{index:03d}.json"
-    return _cached(path, lambda: _null(plan, seed, index))
-
-
-def _null(plan: Plan, seed: int, index: int) -> dict:
-    ctx = context(plan, seed)
-    kind = null_kinds(plan)[index]
-    null_seed = 1000 * (seed + 1) + index
-    if kind == "independent":
-        recipe = dataclasses.replace(plan.null_train, seed=null_seed)
-        model = _train_like(ctx.base, ctx.data, recipe)
-    elif kind == "adversary_data":
-        recipe = dataclasses.replace(plan.null_train, seed=null_seed)
-        model = _train_like(ctx.base, ctx.adversary, recipe)
-    else:
-        model = _surrogate(ctx, plan, null_seed)
-    rows = []
-    for name in plan.units:
-        if failure(plan, seed, name) is not None:
-            continue
-        secret = _load_secret(plan, plan.folder(seed), name)
-        result = _unit(plan, name, seed).verify(model, secret)
-        rows.append({"unit": name, **_verification_row(result)})
-    accuracy = classifier.accuracy(model, ctx.data.x_test, ctx.data.y_test)
-    return {"index": index, "kind": kind, "test_accuracy": accuracy, "rows": rows}
-
-
-def _train_like(base, data, recipe: TrainConfig):
-    import keras
-
-    seed_everything(recipe.seed)
-    model = keras.models.clone_model(base)
-    models.train(model, data, recipe, cache_tag="matrix/null", verbose=0)
-    return model
-
-
-def _surrogate(ctx: Context, plan: Plan, seed: int):
-    """An ART CopycatCNN surrogate of the unmarked base model, on the adversary's images."""
-    import keras
-
-    from models.art import extract
-
-    seed_everything(seed)
-    thief = keras.models.clone_model(ctx.base)
-    recipe = dataclasses.replace(plan.null_train, seed=seed)
-    extract(
-        "art:CopycatCNN", ctx.base, thief, ctx.adversary.x_train, recipe,
-        clip_values=classifier.input_range(ctx.data),
-    )  # fmt: skip
-    return thief
 
 
 def column_unit(column: str) -> tuple[str, dict[str, Any]]:

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from models.errors import UserError
-from reproduce.engine import Plan, cell_task, embed_task, null_kinds, null_task
+from reproduce.engine import Plan, cell_task, embed_task
+from reproduce.nulls import null_kinds, null_task
 
 __all__ = ["EXECUTORS", "check", "check_user_model", "run"]
 

@@ -29,8 +29,9 @@ import models
 from models.errors import UserError
 from models.training import TrainConfig
 from reproduce import executors
-from reproduce.engine import Plan, column_unit, null_kinds
+from reproduce.engine import Plan, column_unit
 from reproduce.matrix_tables import claims, plot, summary, tables
+from reproduce.nulls import null_kinds
 from reproduce.report import Run
 
 log = logging.getLogger(__name__)

@@ -12,16 +12,12 @@ model already trained and picks up an interrupted training at its last epoch.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import math
 import operator
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +28,7 @@ import pandas as pd
 
 from models.errors import UserError
 from models.io import atomic_write, umask_mode
+from reproduce.environment import environment
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +71,6 @@ _MARGIN_NOTE = (
 )
 #: longer tables are left to their CSV in REPORT.md
 REPORT_MAX_ROWS = 200
-_LIBRARIES = (
-    "tensorflow",
-    "keras",
-    "numpy",
-    "pandas",
-    "matplotlib",
-    "scikit-learn",
-    "adversarial-robustness-toolbox",
-    "tensorflow-datasets",
-)
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -98,61 +84,6 @@ def save_figure(fig, path: Path) -> Path:
     finally:
         plt.close(fig)
     return path
-
-
-def environment() -> dict[str, Any]:
-    """Git revision, interpreter, platform and library versions of this run."""
-    try:
-        revision = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=REPO_ROOT,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-        )
-    except (OSError, subprocess.SubprocessError):
-        revision, dirty = "", False
-    versions = {}
-    for name in _LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    from models.training import determinism_enabled
-
-    return {
-        "git_revision": revision or "unknown",
-        "git_dirty": dirty,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "processor": _processor(),
-        "devices": _devices(),
-        "op_determinism": determinism_enabled(),
-        "libraries": versions,
-        "command": sys.argv,
-    }
-
-
-def _processor() -> str:
-    """The CPU model (what decides float round-off on a CPU run), as /proc/cpuinfo names it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _devices() -> list[str]:
-    import tensorflow as tf
-
-    return [f"{d.device_type}:{d.name}" for d in tf.config.list_physical_devices()]
 
 
 def _jsonable(value: Any) -> Any:
