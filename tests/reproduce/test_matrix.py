@@ -118,3 +118,35 @@ def test_overwriting_with_a_scheme_that_keeps_the_weights_is_n_a():
     for name, expected in (("fragile", "no-op"), ("fragile_finetune", None), ("bilevel", None)):
         reason = _not_applicable(plan, _unit(plan, name, 0), name, "overwrite", {})
         assert (reason is None) if expected is None else (expected in reason), (name, reason)
+
+
+def test_the_matrix_runs_on_a_model_the_suite_did_not_make(tmp_path, monkeypatch):
+    """--model: a plain Keras model trained outside the suite is embedded into and attacked."""
+    import keras
+
+    import models
+
+    data = models.load("fashion_mnist", max_train=3000, max_test=300)
+    keras.utils.set_random_seed(0)
+    mine = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ],
+        name="mine",
+    )
+    mine.compile("adam", "sparse_categorical_crossentropy")
+    mine.fit(data.x_train, data.y_train, epochs=2, batch_size=64, verbose=0)
+    mine.save(tmp_path / "mine.keras")
+    monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    argv = ["matrix", "--preset", "smoke", "--model", str(tmp_path / "mine.keras")]
+    argv += ["--dataset", "fashion_mnist", "--schemes", "fragile", "--attacks", "identity"]
+    assert main([*argv, "--out", str(out)]) == 0
+    frame = pd.read_csv(out / "matrix.csv", keep_default_na=False)
+    assert list(frame["verdict_after"]) == ["intact"]
+    config = (out / "config.json").read_text()
+    assert "mine.keras" in config
