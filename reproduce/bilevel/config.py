@@ -48,13 +48,15 @@ change results (eq. 6 as printed, first-order inner loop, plain gradient descent
 - The base models, the data (Fashion-MNIST at quick) and the attack strengths are this suite's.
 """
 NOISE = """
-The same zoo recipe and seed gave base LeNet5 models of 0.9014, 0.9018 and 0.9022 on three
-machines (op determinism makes a rerun bit-identical only on the same machine kind). Between the
-0.9014 and 0.9022 models, three quick rows changed verdict: B7 (bi-level R_loss 0.06 pp against
-Adi et al.'s 0.44, then 0.17 against 0.14), P4 (R_auth after FTAL 0.90, then 0.95) and P5 (after
-overwriting 0.85, then 1.00); on the 0.9018 model P6 held (R_loss 0.02 pp) where it failed on the
-0.9014 one (0.25 pp). Such rows sit inside run-to-run noise: on one seed, read them as undecided
-(their margins are in the claims table).
+The same zoo recipe and seed gave base LeNet5 models of 0.9014 (an earlier cache), 0.9018 (the
+machine of the issue that reported it) and 0.9022 (a later cold cache); whether the machine or the
+code between those runs made the difference is not isolated (op determinism makes a rerun
+bit-identical only on the same machine kind with the same code). Between the 0.9014 and 0.9022
+models, three quick rows changed verdict: B7 (bi-level R_loss 0.06 pp against Adi et al.'s 0.44,
+then 0.17 against 0.14), P4 (R_auth after FTAL 0.90, then 0.95) and P5 (after overwriting 0.85,
+then 1.00); on the 0.9018 model P6 held (R_loss 0.02 pp) where it failed on the 0.9014 one
+(0.25 pp). Such rows sit inside run-to-run noise: on one seed, read them as undecided (their
+margins are in the claims table).
 """
 
 VARIANTS = {
