@@ -209,7 +209,7 @@ class Fingerprint(Evidence):
         if len(prints) == 0 and max_steps() is None:
             raise EmbeddingFailed(
                 f"{self.name}: no candidate passed the filter, so there are no fingerprints "
-                f"({_failure_facts(prints.metadata)})"
+                f"({self._why_empty(prints)})"
             )
         return prints
 
@@ -217,15 +217,9 @@ class Fingerprint(Evidence):
     def _generate(self, model, data) -> Fingerprints:
         """The scheme's generation, on a model that passed the gate."""
 
-
-def _failure_facts(metadata: Mapping[str, Any]) -> str:
-    """What a generation that kept nothing measured, in words."""
-    facts = [f"{metadata[k]} {k}" for k in ("candidates", "adversarial") if k in metadata]
-    if "max_conferrability" in metadata:
-        facts.append(f"the most conferrable at {metadata['max_conferrability']:.3f}")
-    if "min_conferrability" in metadata:
-        facts.append(f"the filter at {metadata['min_conferrability']:.2f}")
-    return ", ".join(facts) or "no generation facts recorded"
+    def _why_empty(self, prints: Fingerprints) -> str:
+        """What a generation that kept nothing measured, in words (schemes say more)."""
+        return "no generation facts recorded"
 
 
 def names() -> list[str]:

@@ -559,6 +559,12 @@ class CAE(Fingerprint):
         },
     }
 
+    def _why_empty(self, prints: Fingerprints) -> str:
+        meta = prints.metadata
+        return (f"{meta.get('candidates')} candidates, {meta.get('adversarial')} adversarial, "
+                f"the most conferrable at {meta.get('max_conferrability', float('nan')):.3f}, "
+                f"the filter at {meta.get('min_conferrability', float('nan')):.2f}")  # fmt: skip
+
     def _generate(self, model, data) -> Fingerprints:
         families = self.families(model, data)
         return self.fingerprint(model, families, data)

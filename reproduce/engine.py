@@ -361,7 +361,7 @@ def _not_applicable(plan: Plan, unit, name: str, attack_name: str, options: dict
     if attack_name == "overwrite":
         if name in plan.fingerprints:
             return "a fingerprint is not embedded: there is no scheme of the row to overwrite with"
-        if not getattr(unit, "changes_model", True):
+        if not unit.changes_model:
             return "the row's scheme leaves the weights as they are: overwriting with it is a no-op"
         options["scheme"] = name
     return None

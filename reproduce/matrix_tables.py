@@ -36,10 +36,6 @@ _DERIVED = ("surrogate",)
 def tables(plan, results: dict, kinds: list[str]) -> dict[str, pd.DataFrame]:
     """``matrix``, ``nulls`` and ``null_rates`` frames from the tasks' results."""
     embeds = pd.DataFrame(results["embed"])
-    embeds["status"] = embeds.get("status", pd.Series(index=embeds.index, dtype=object)).fillna(
-        "ok"
-    )
-    embeds["reason"] = embeds.get("reason", pd.Series(index=embeds.index, dtype=object)).fillna("")
     nulls = _nulls(results["null"], embeds)
     rates = _null_rates(plan, embeds, nulls)
     matrix = _matrix(results["cell"], embeds, nulls, rates)
