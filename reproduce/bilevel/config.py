@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import models
 from attacks.finetune import FineTuneConfig
 from attacks.overwrite import OverwriteConfig
-from models.errors import UserError
+from models.errors import UnknownNameError
 from models.training import TrainConfig
 from reproduce import zoo
 from watermarks.backdoor import AdiConfig
@@ -128,7 +128,7 @@ def make_config(
     """Resolve a preset (``smoke``, ``quick`` or ``paper``) into the run's configuration."""
     models.check_dataset(dataset)
     if preset not in _PRESETS:
-        raise UserError(f"unknown preset {preset!r}; expected one of: paper, quick, smoke")
+        raise UnknownNameError("preset", preset, _PRESETS)
     experiments, capacity, budgets, pool, extra = _PRESETS[preset]
     smoke = preset == "smoke"
     small = dict(phases=2, inner_steps=1, steps=30, mask_samples=64, batch_size=16)
