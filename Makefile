@@ -9,6 +9,8 @@ STAMP  := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.installed-test
 FASHION := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
+# papers at a time in `make reproduce` (reproduce all --jobs N)
+JOBS ?= 2
 
 .PHONY: setup data reproduce test lint bench clean
 
@@ -34,7 +36,7 @@ $(TESTSTAMP): $(STAMP) requirements-test.txt
 setup: $(STAMP) data
 
 reproduce: setup
-	$(PY) -m reproduce all --preset quick
+	$(PY) -m reproduce all --preset quick --jobs $(JOBS)
 
 test: setup $(TESTSTAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

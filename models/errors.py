@@ -33,3 +33,6 @@ class UnknownNameError(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return self.args[0]
+
+    def __reduce__(self):  # crosses process boundaries (reproduce all --jobs, Ray tasks)
+        return type(self), (self.kind, self.name, self.known)

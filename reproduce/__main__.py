@@ -9,4 +9,5 @@ os.environ.setdefault(
 
 from reproduce.cli import main  # noqa: E402
 
-sys.exit(main())
+if __name__ == "__main__":  # not in the worker processes of `all --jobs N`
+    sys.exit(main())

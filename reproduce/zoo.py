@@ -56,7 +56,7 @@ _SMOKE = TrainConfig(epochs=1, batch_size=64)
 _QUICK = {
     "lenet5": TrainConfig.cae(epochs=30, early_stopping_patience=4),
     "zhang_mnist": TrainConfig.cae(epochs=15, early_stopping_patience=3),
-    "resnet20v1": TrainConfig.cae(epochs=8, early_stopping_patience=3),
+    "resnet20v1": TrainConfig.cae(epochs=6, early_stopping_patience=3),
 }
 _PAPER_EPOCHS = {"mnist": 50}
 # Inputs a model needs that differ from the dataset's native shape.

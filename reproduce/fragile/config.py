@@ -31,7 +31,7 @@ PRESET_NOTES = {
     "(30 triggers, 40 generator steps, one fine-tuning epoch on 300 images plus 40 BIM images): "
     "checks the pipeline end to end, not the claims.",
     "quick": "Fashion-MNIST (28x28x1) instead of CIFAR-10; the zoo's quick ResNet20v1 (the CAE "
-    "recipe, up to 8 epochs with early stopping, shared with `reproduce models`) instead of "
+    "recipe, up to 6 epochs with early stopping, shared with `reproduce models`) instead of "
     "ResNet18, and the zoo's quick LeNet5 as the second classifier of Table 4 instead of "
     "ResNet50/101/152; the small convolutional generator (width 64) instead of PGAN, 60 steps "
     "(Adam 1e-3, the Var weight ramped up over the first 30) instead of 300; malicious fine-tuning "

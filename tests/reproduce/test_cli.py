@@ -127,6 +127,27 @@ def test_rerun_reuses_the_cache_and_gives_the_same_numbers(smoke_run, tmp_path):
 
 
 @needs_fashion
+def test_all_with_two_jobs_gives_each_paper_the_numbers_it_gets_alone(
+    smoke_run, tmp_path, monkeypatch, capsys
+):
+    """Two papers in two processes, from an empty cache of their own: both want the zoo's
+    LeNet5 (one trains it under the cache's lock), and the zoo's numbers are the serial run's."""
+    import reproduce.cli as cli
+
+    monkeypatch.setattr(cli, "REPRODUCTIONS", ("models", "fragile"))
+    monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "all"
+    assert main(["all", "--preset", "smoke", "--jobs", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "done (2/2)" in printed and "running or waiting: " in printed
+    alone = pd.read_csv(smoke_run / "table_models.csv")
+    together = pd.read_csv(out / "models" / "table_models.csv")
+    assert not together["from_cache"].any()  # trained here, not read from smoke_run's cache
+    assert list(together["test_accuracy"]) == list(alone["test_accuracy"])
+    assert len(pd.read_csv(out / "fragile" / "claims.csv"))
+
+
+@needs_fashion
 @pytest.mark.parametrize(("threshold", "strict_code"), [(0.0, 0), (1.01, 1)])
 def test_strict_exit_code_follows_the_claims(
     smoke_run, tmp_path, monkeypatch, threshold, strict_code
