@@ -291,12 +291,13 @@ def _run_concurrently(args: argparse.Namespace, papers: list[str]) -> bool:
     configuration, so the same numbers); the model cache's per-key lock lets
     one process train a base model that several papers share while the
     others wait for it. Papers start in :data:`REPRODUCTIONS` order, the zoo
-    first, since the others reuse its base models. Why: one TensorFlow
-    process keeps about 1.2 of this machine's 2 cores busy; two ResNet20v1
-    trainings side by side finish 1.68 times sooner than one after the
-    other, two LeNet5 trainings 1.16 times (README, "Time per paper").
-    The standard library's process pool schedules; Ray is for the matrix's
-    cells, and an optional dependency.
+    first, since the others reuse its base models. Why: most of a quick run
+    is small models, whose training leaves a core idle; on this 2-core
+    machine two LeNet5 trainings side by side finish 1.59 times sooner than
+    one after the other, two ResNet20v1 trainings 1.01 times
+    (``bench/side_by_side.py``), and ``make reproduce`` took 43.6 min cold
+    with two jobs. The standard library's process pool schedules; Ray is
+    for the matrix's cells, and an optional dependency.
     """
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -312,7 +313,7 @@ def _run_concurrently(args: argparse.Namespace, papers: list[str]) -> bool:
                     paper = running.pop(future)
                     folder = future.result()
                     all_hold &= _claims_hold(folder)
-                    _progress_done(paper, papers, running.values(), started)
+                    _progress_done(paper, papers, list(running.values()), started, args.jobs)
                     print(folder, flush=True)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # papers not started never start
@@ -330,10 +331,12 @@ def _paper_job(args: argparse.Namespace, paper: str) -> Path:
     return _run_one(args, paper)
 
 
-def _progress_done(paper: str, papers: list[str], left, started: float) -> None:
+def _progress_done(paper: str, papers: list[str], left: list[str], started: float, jobs: int):
+    """'done k/n' after a paper finishes; the estimate assumes the papers left share the jobs."""
     elapsed = time.perf_counter() - started
     done = len(papers) - len(left)
-    estimate = f"; about {elapsed / done * len(left) / 60:.0f} min left" if left else ""
+    minutes = elapsed / done * len(left) / min(jobs, len(left) or 1) / 60
+    estimate = f"; about {minutes:.0f} min left" if left else ""
     waiting = f"; running or waiting: {', '.join(left)}" if left else ""
     print(
         f"reproduce: {paper} done ({done}/{len(papers)}); {elapsed / 60:.1f} min so far"
