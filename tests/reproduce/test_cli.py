@@ -131,7 +131,8 @@ def test_all_with_two_jobs_gives_each_paper_the_numbers_it_gets_alone(
     smoke_run, tmp_path, monkeypatch, capsys
 ):
     """Two papers in two processes, from an empty cache of their own: both want the zoo's
-    LeNet5 (one trains it under the cache's lock), and the zoo's numbers are the serial run's."""
+    LeNet5 (whichever asks first trains it under the cache's lock, the other reads it), and the
+    zoo's numbers are the serial run's."""
     import reproduce.cli as cli
 
     monkeypatch.setattr(cli, "REPRODUCTIONS", ("models", "fragile"))
@@ -142,7 +143,9 @@ def test_all_with_two_jobs_gives_each_paper_the_numbers_it_gets_alone(
     assert "done (2/2)" in printed and "running or waiting: " in printed
     alone = pd.read_csv(smoke_run / "table_models.csv")
     together = pd.read_csv(out / "models" / "table_models.csv")
-    assert not together["from_cache"].any()  # trained here, not read from smoke_run's cache
+    # trained in this run (by one paper or the other), not read from smoke_run's cache
+    assert len(list((tmp_path / "cache" / "models").iterdir())) >= len(together)
+    assert not together["from_cache"].all()
     assert list(together["test_accuracy"]) == list(alone["test_accuracy"])
     assert len(pd.read_csv(out / "fragile" / "claims.csv"))
 
