@@ -310,6 +310,13 @@ def check_name(name: str | None) -> None:
         raise UnknownNameError("dataset", name, names())
 
 
+def check_data_dir(data_dir: str | os.PathLike | None) -> None:
+    """Raise :class:`UserError` unless ``data_dir`` is None (not given) or an existing folder."""
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        root = str(Path(data_dir).expanduser())
+        raise UserError(f"data directory {root!r} does not exist or is not a directory")
+
+
 def load(
     name: str,
     *,
@@ -635,9 +642,8 @@ def _resolve(name: str, spec: _Spec, data_dir: str | os.PathLike | None, downloa
             logger.debug("digits ship with scikit-learn; data_dir %s is not used", data_dir)
         return _load_digits()
     if data_dir is not None:
+        check_data_dir(data_dir)
         root = Path(data_dir).expanduser()
-        if not root.is_dir():
-            raise UserError(f"data directory {str(root)!r} does not exist or is not a directory")
         raw = _LOCAL_READERS[name](root)
         if raw is not None:
             logger.info("reading %s from %s", name, raw.source)

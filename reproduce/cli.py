@@ -256,6 +256,10 @@ def _run_papers(args: argparse.Namespace, papers: list[str]) -> bool:
     """Run ``papers`` one after another, saying which runs and about how long is left."""
     _matrix_options(args)  # refused before anything runs
     if args.jobs > 1 and len(papers) > 1:
+        from models.datasets import check_data_dir
+
+        check_data_dir(args.data_dir)  # refused here, not once per worker process
+        _configs(args, papers)
         return _run_concurrently(args, papers)
     all_hold, started = True, time.perf_counter()
     for number, paper in enumerate(papers, start=1):
@@ -376,14 +380,21 @@ def _print_plans(args: argparse.Namespace, papers: list[str]) -> int:
     """``--plan``: each paper's models, work and estimated GPU-hours, without running anything."""
     from reproduce.plan import describe
 
-    options = _matrix_options(args)
+    for paper, (module, config) in _configs(args, papers).items():
+        print(describe(paper, args.preset, module.plan(config)))
+    return 0
+
+
+def _configs(args: argparse.Namespace, papers: list[str]) -> dict:
+    """paper -> (module, config) of the command line; a bad option raises before anything runs."""
+    options, configs = _matrix_options(args), {}
     for paper in papers:
         module = paper_module(paper)
         config = module.make_config(
             args.preset, dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, **options
         )
-        print(describe(paper, args.preset, module.plan(config)))
-    return 0
+        configs[paper] = (module, config)
+    return configs
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -50,6 +50,9 @@ def test_list_tells_built_from_not_built(capsys):
         (["plot"], "needs the folder"),
         (["models", "--seed", "x"], "invalid int value"),
         (["models", "--seed", str(2**32)], "out of range"),
+        (["all", "--jobs", "0"], "expected a positive integer"),
+        (["all", "--jobs", "2", "--data-dir", "no/such/dir"], "data directory"),
+        (["all", "--jobs", "2", "--dataset", "cifar"], "unknown dataset 'cifar'"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
@@ -57,6 +60,7 @@ def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monke
     assert exit_code(argv) == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "results").exists()
+    assert "started" not in capsys.readouterr().out  # no worker of --jobs was started
 
 
 def test_not_built_paper_exits_2(capsys, tmp_path, monkeypatch):
