@@ -90,7 +90,7 @@ from models import classifier
 from models.config import as_dict, option, validate
 from models.errors import UserError
 from models.evidence import Verification, answers, empirical_p_value
-from models.training import TrainConfig
+from models.training import TrainConfig, limit
 
 log = logging.getLogger(__name__)
 
@@ -465,14 +465,14 @@ class _Generator:
                 for a in (x, onehot, budgets)
             ]
             self.reset()
-            for it in range(self.config.iterations):
+            for it in range(limit(self.config.iterations)):  # --max-steps caps the loop
                 self.step(*args, low, high, tf.constant(keep_s[it]), tf.constant(keep_r[it]))
             out[chunk] = (args[0] + self.delta.value).numpy()[:count]
             log.info(
                 "CAE: %d/%d candidates optimised (%d iterations, %.0f s)",
                 chunk.stop,
                 n,
-                self.config.iterations,
+                limit(self.config.iterations),
                 time.perf_counter() - started,
             )
         return out

@@ -45,6 +45,7 @@ from fingerprints.cae import CaeConfig, optimize, score, transferability
 from models import classifier
 from models.art import evasion_attack, to_art
 from models.errors import UserError
+from models.training import limit
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,8 @@ def art_examples(
     for eps in eps_values:
         eps = float(eps)
         chosen = {**_default_params(art_class, eps), **extra, **(params or {})}
+        if "max_iter" in chosen:  # --max-steps caps the attack's iterations
+            chosen["max_iter"] = limit(int(chosen["max_iter"]))
         if takes_eps:
             chosen["eps"] = eps
             if "eps_step" in chosen and chosen["eps_step"] > eps:

@@ -259,3 +259,21 @@ def test_logit_models_are_softmaxed(families, candidates):
         config=dataclasses.replace(CONFIG, iterations=3),
     )
     assert out.shape == x[:2].shape
+
+
+def test_max_steps_caps_the_generation(families, candidates):
+    """--max-steps 2: 300 configured Adam steps run as 2 (the same images as iterations=2)."""
+    from models.training import set_max_steps
+
+    every = _generation(families)
+    x = candidates[:4]
+    config = dataclasses.replace(CONFIG, iterations=300, dropout=0.0)
+    two = optimize(*every, x, config=dataclasses.replace(config, iterations=2))
+    three = optimize(*every, x, config=dataclasses.replace(config, iterations=3))
+    set_max_steps(2)
+    try:
+        capped = optimize(*every, x, config=config)
+    finally:
+        set_max_steps(None)
+    np.testing.assert_array_equal(capped, two)
+    assert not np.array_equal(capped, three)

@@ -72,3 +72,19 @@ def test_compare_scores_every_method_and_bound(setup):
     assert (scored["mean_linf"] <= scored["eps"] + 1e-6).all()
     with pytest.raises(UserError, match="unknown attack"):
         compare(families.source.model, ([], []), ([], []), x, EPS, methods=("nope",))
+
+
+def test_max_steps_caps_the_attacks_iterations(setup):
+    """--max-steps 2: BIM's 10 iterations run as 2 (the same images as max_iter=2)."""
+    from models.training import set_max_steps
+
+    families, x = setup
+    source = families.source.model
+    two = art_examples(source, x, "bim", (0.2,), params={"max_iter": 2})[0.2]
+    set_max_steps(2)
+    try:
+        capped = art_examples(source, x, "bim", (0.2,))[0.2]
+    finally:
+        set_max_steps(None)
+    np.testing.assert_array_equal(capped, two)
+    assert not np.array_equal(capped, art_examples(source, x, "bim", (0.2,))[0.2])
