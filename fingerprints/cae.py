@@ -456,6 +456,7 @@ class _Generator:
         low, high = (np.asarray(v, np.float32) for v in clip_values)
         keep_s, keep_r = dropout_masks(self.config, len(self.surrogates), len(self.references))
         out = np.empty_like(x)
+        steps = limit(self.config.iterations)  # --max-steps caps the loop
         started = time.perf_counter()
         for begin in range(0, n, size):
             chunk = slice(begin, min(begin + size, n))
@@ -465,14 +466,14 @@ class _Generator:
                 for a in (x, onehot, budgets)
             ]
             self.reset()
-            for it in range(limit(self.config.iterations)):  # --max-steps caps the loop
+            for it in range(steps):
                 self.step(*args, low, high, tf.constant(keep_s[it]), tf.constant(keep_r[it]))
             out[chunk] = (args[0] + self.delta.value).numpy()[:count]
             log.info(
                 "CAE: %d/%d candidates optimised (%d iterations, %.0f s)",
                 chunk.stop,
                 n,
-                limit(self.config.iterations),
+                steps,
                 time.perf_counter() - started,
             )
         return out

@@ -363,8 +363,7 @@ def load(
         DatasetUnavailable: no source has the dataset.
         UserError: a bad argument, or unreadable or corrupt files.
     """
-    if name not in _SPECS:
-        raise UnknownNameError("dataset", name, names())
+    check_name(name)
     spec = _SPECS[name]
     _check_options(name, spec, size, channels, fraction, per_class, max_train, max_test, seed)
     started = time.perf_counter()
@@ -379,6 +378,23 @@ def load(
 
     scale = raw.scale
     del raw  # let a large source go before the float copies are made
+    x_train, x_test, mean = _prepare(x_train, x_test, scale, size, center, channels)
+    for arr in (x_train, y_train, x_test, y_test, mean):
+        if arr is not None:
+            arr.flags.writeable = False
+    dataset = Dataset(name, x_train, y_train, x_test, y_test, spec.num_classes, mean)
+    logger.info(
+        "loaded %s: train %s, test %s in %.1f s",
+        name,
+        x_train.shape,
+        x_test.shape,
+        time.perf_counter() - started,
+    )
+    return dataset
+
+
+def _prepare(x_train, x_test, scale: float, size, center: bool, channels):
+    """Scale to [0, 1], resize, centre and repeat grey channels: ``(x_train, x_test, mean)``."""
     x_train = _scale_and_resize(x_train, scale, size)
     x_test = _scale_and_resize(x_test, scale, size)
     mean = None
@@ -392,19 +408,7 @@ def load(
         x_train = np.concatenate([x_train] * 3, axis=-1)
         x_test = np.concatenate([x_test] * 3, axis=-1)
         mean = None if mean is None else np.repeat(mean, 3)
-    x_train, x_test = np.ascontiguousarray(x_train), np.ascontiguousarray(x_test)
-    for arr in (x_train, y_train, x_test, y_test, mean):
-        if arr is not None:
-            arr.flags.writeable = False
-    dataset = Dataset(name, x_train, y_train, x_test, y_test, spec.num_classes, mean)
-    logger.info(
-        "loaded %s: train %s, test %s in %.1f s",
-        name,
-        x_train.shape,
-        x_test.shape,
-        time.perf_counter() - started,
-    )
-    return dataset
+    return np.ascontiguousarray(x_train), np.ascontiguousarray(x_test), mean
 
 
 # --- argument checks -------------------------------------------------------------
