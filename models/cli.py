@@ -160,15 +160,24 @@ def unit_command(
 # --------------------------------------------------------------------------- config flags
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _int_from(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_from(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_from(text, 0, "a non-negative integer")
 
 
 def parse_range(text: str) -> tuple[float, float]:

@@ -44,6 +44,7 @@ import numpy as np
 from models import classifier
 from models.config import option, validate
 from models.errors import UserError
+from models.isolation import train_elsewhere, trainings_per_process
 
 log = logging.getLogger(__name__)
 
@@ -499,6 +500,11 @@ def set_devices(count: int | None) -> None:
     _LIMITS["devices"] = count
 
 
+def devices() -> int | None:
+    """The setting of :func:`set_devices` (None: every visible GPU)."""
+    return _LIMITS["devices"]
+
+
 def strategy():
     """A ``tf.distribute.MirroredStrategy`` over the devices to use, or None for one device.
 
@@ -578,6 +584,11 @@ def train(
     counters, best loss so far) are not kept across the kill, while the
     learning rate, the weights and the optimizer are.
 
+    With :func:`models.isolation.set_trainings_per_process` on, a training
+    that is not in the cache (and has no callbacks or hooks) runs in a child
+    process and is then restored here from the cache, so the memory
+    TensorFlow keeps after a training is the child's.
+
     Args:
         model: a built Keras classifier (softmax or logit outputs); its
             weights now are part of the cache key.
@@ -611,6 +622,7 @@ def train(
     """
     x, y = _training_arrays(data)
     cache = caching() if cache is None else cache
+    given_tag = cache_tag
     if hooks:
         cache_tag = f"{cache_tag}|hooks:{','.join(sorted(h.name for h in hooks))}"
     if snapshots:
@@ -626,14 +638,18 @@ def train(
         )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cache_key(model, data if hasattr(data, "digest") else (x, y), config, cache_tag)
+    job = _Job(model, config, root, key, probability_targets)
+    options = {"cache_dir": str(root), "snapshots": snapshots, "verbose": verbose}
+    movable = cache and not (hooks or callbacks)
+    elsewhere = movable and _in_child(job, (x, y, data), given_tag, options)
     compile_for_training(model, config, probability_targets=probability_targets)
     if config.epochs == 0:
         seed_everything(config.seed)
         return TrainResult(model, {}, 0.0, 0, len(x), False, key)
-    job = _Job(model, config, root, key, probability_targets)
     with _exclusive(root / "locks" / f"{key}.lock"):  # Ray tasks may ask for the same training
         if cache and (job.entry / "meta.json").is_file():
-            return job.restore()
+            result = job.restore()
+            return dataclasses.replace(result, from_cache=False) if elsewhere else result
         extra = (list(hooks), list(callbacks))
         return job.fit(x, y, cache, extra, snapshots, verbose)
 
@@ -743,3 +759,17 @@ class _Job:
         snapshot_files = _snapshot_files(self.entry / "snapshots")
         return TrainResult(self.model, run_log.history, run_log.seconds, epochs_run, examples,
                            False, self.key, snapshot_files)  # fmt: skip
+
+
+def _in_child(job: _Job, arrays: tuple, tag: str, options: dict) -> bool:
+    """Train ``job`` in a child process (:mod:`models.isolation`) when set up to: whether it did."""
+    if not trainings_per_process() or job.config.epochs == 0 or (job.entry / "meta.json").is_file():
+        return False
+    x, y, data = arrays
+    data_id = _data_id(data if hasattr(data, "digest") else (x, y))
+    trained = train_elsewhere(job.model, x, y, data_id, job.config, tag, options)
+    if trained is not None and trained != job.key:
+        raise RuntimeError(
+            f"the training process keyed {job.model.name} {trained}, this one {job.key}"
+        )
+    return trained is not None

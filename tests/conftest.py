@@ -53,9 +53,11 @@ def weights_equal(a, b) -> bool:
 
 @pytest.fixture(autouse=True)
 def _no_limits_leak():
-    """A test that sets --max-steps or --devices cannot cap the trainings of the next."""
+    """A test that sets --max-steps, --devices or --trainings-per-process cannot reach the next."""
     yield
+    from models.isolation import set_trainings_per_process
     from models.training import set_devices, set_max_steps
 
     set_max_steps(None)
     set_devices(None)
+    set_trainings_per_process(None)

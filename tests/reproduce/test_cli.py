@@ -51,6 +51,7 @@ def test_list_tells_built_from_not_built(capsys):
         (["models", "--seed", "x"], "invalid int value"),
         (["models", "--seed", str(2**32)], "out of range"),
         (["all", "--jobs", "0"], "expected a positive integer"),
+        (["models", "--trainings-per-process", "-1"], "expected a non-negative integer"),
         (["all", "--jobs", "2", "--data-dir", "no/such/dir"], "data directory"),
         (["all", "--jobs", "2", "--dataset", "cifar"], "unknown dataset 'cifar'"),
     ],

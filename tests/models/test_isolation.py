@@ -1,0 +1,85 @@
+"""Training in a child process (models.isolation): same key, same weights, restored here."""
+
+import argparse
+
+import keras
+import numpy as np
+import pytest
+
+import models
+from models import training
+from models.errors import UserError
+from models.isolation import set_trainings_per_process, trainings_per_process
+from models.training import TrainConfig, cache_key
+from tests.conftest import weights_equal
+
+FAST = TrainConfig(epochs=2, batch_size=32, learning_rate=1e-2, seed=4)
+
+
+def _fresh(digits):
+    models.seed_everything(3)
+    return models.build("_tiny_cnn", digits.input_shape, digits.num_classes)
+
+
+def _never_here(*args, **kwargs):
+    raise AssertionError("trained in the test's own process")
+
+
+def test_a_child_process_trains_what_this_one_would(digits, tmp_path, monkeypatch):
+    here = _fresh(digits)
+    expected = models.train(here, digits, FAST, cache_dir=tmp_path / "here", verbose=0)
+    set_trainings_per_process(2)
+    monkeypatch.setattr(training, "_fit", _never_here)  # the spawned child imports its own
+    away = _fresh(digits)
+    result = models.train(away, digits, FAST, cache_dir=tmp_path / "away", verbose=0)
+    assert result.key == expected.key and not result.from_cache
+    assert weights_equal(here, away)
+    assert result.history == expected.history
+    again = models.train(_fresh(digits), digits, FAST, cache_dir=tmp_path / "away", verbose=0)
+    assert again.from_cache and weights_equal(again.model, away)
+
+
+def test_probability_targets_keep_their_key_in_the_child(digits, tmp_path, monkeypatch):
+    targets = keras.ops.convert_to_numpy(keras.ops.one_hot(digits.y_train, 10)) * 0.9 + 0.01
+    data = (digits.x_train, targets.astype(np.float32))
+    key = cache_key(_fresh(digits), data, FAST)
+    set_trainings_per_process(1)
+    monkeypatch.setattr(training, "_fit", _never_here)
+    result = models.train(_fresh(digits), data, FAST, cache_dir=tmp_path, verbose=0)
+    assert result.key == key and not result.from_cache
+
+
+def test_callbacks_and_hooks_keep_the_training_here(digits, tmp_path, monkeypatch):
+    set_trainings_per_process(1)
+    calls = []
+    monkeypatch.setattr(training, "_fit", lambda *args, **kwargs: calls.append(args))
+    callback = keras.callbacks.Callback()
+    models.train(_fresh(digits), digits, FAST, cache_dir=tmp_path, callbacks=[callback])
+    hook = training.Hook("zero", lambda model: 0.0)
+    models.train(_fresh(digits), digits, FAST, cache_dir=tmp_path / "h", hooks=[hook])
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_the_setting_is_a_count(bad):
+    with pytest.raises(UserError, match="non-negative integer"):
+        set_trainings_per_process(bad)
+
+
+def test_zero_trains_here():
+    set_trainings_per_process(0)
+    assert trainings_per_process() is None
+
+
+def test_the_paper_preset_trains_in_child_processes_by_default():
+    from reproduce.cli import PAPER_TRAININGS_PER_PROCESS, _limits
+
+    def limits(preset, every=None):
+        _limits(argparse.Namespace(preset=preset, max_steps=None, devices=None,
+                                   trainings_per_process=every))  # fmt: skip
+        return trainings_per_process()
+
+    assert limits("paper") == PAPER_TRAININGS_PER_PROCESS
+    assert limits("quick") is None
+    assert limits("paper", 0) is None
+    assert limits("quick", 3) == 3
