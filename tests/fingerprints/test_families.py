@@ -99,6 +99,8 @@ def test_hard_label_variant_retrains_only_the_surrogates(families, digits):
 def test_second_build_comes_from_the_cache(families, digits):
     again = tiny_families(digits)
     assert all(m.from_cache for m in again.members)
+    # restored members keep no optimizer state (a cached restore loads it)
+    assert not any(m.model.optimizer.built for m in [*families.members, *again.members])
     x = digits.x_test[:50]
     for first, second in zip(families.members, again.members, strict=True):
         np.testing.assert_allclose(
