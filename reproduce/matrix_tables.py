@@ -6,7 +6,10 @@
   one against the null models), test accuracy before and after, seconds;
 * ``nulls.csv``: every null model's statistic and verdict per unit;
 * ``null_rates.csv``: per unit and seed, the empirical false-positive rate of
-  the scheme's own verdict on its null models, and for a fingerprint the
+  the scheme's own verdict on its null models, the matrix's decision
+  threshold (raised to the null maximum where that rate is not 0) and the
+  false-positive rate of the matrix's verdict with each null model held out
+  of the threshold that judges it, and for a fingerprint the
   ROC-AUC and TPR at 5% FPR of surrogates and attacked copies against
   independent models;
 * ``matrix_summary.csv``: per cell, the mean over seeds and its 95% interval;
@@ -73,28 +76,59 @@ def _null_rates(plan, embeds: pd.DataFrame, nulls: pd.DataFrame) -> pd.DataFrame
     rows = []
     for (seed, unit), group in _negatives(nulls).groupby(["seed", "unit"]):
         embed = embeds[(embeds["unit"] == unit) & (embeds["seed"] == seed)].iloc[0]
-        fpr = float(group["positive"].mean())
-        measured = float(group["statistic"].max())
+        statistics = group["statistic"].to_numpy(float)
+        positive = group["positive"].to_numpy(bool)
+        threshold, kind = float(embed["threshold"]), embed["kind"]
         rows.append(
             {
                 "seed": seed,
                 "unit": unit,
-                "kind": embed["kind"],
+                "kind": kind,
                 "null_models": len(group),
-                "threshold": embed["threshold"],
-                "null_max": measured,
-                "null_mean": float(group["statistic"].mean()),
-                "false_positive_rate": fpr,
-                # the measured null decides where it contradicts the assumed one
-                "decision_threshold": max(float(embed["threshold"]), measured)
-                if fpr > 0 and embed["kind"] != "fragile"
-                else float(embed["threshold"]),
-                "contradicts_assumed_null": fpr > 0,
+                "threshold": threshold,
+                "null_max": float(statistics.max()),
+                "null_mean": float(statistics.mean()),
+                "false_positive_rate": float(positive.mean()),
+                "decision_threshold": _decision_threshold(statistics, positive, threshold, kind),
+                "contradicts_assumed_null": bool(positive.any()),
+                "held_out_false_positive_rate": _held_out_rate(
+                    statistics, positive, threshold, kind
+                ),
             }
         )
     columns = ["seed", "unit", "kind", "null_models", "threshold", "null_max", "null_mean",
-               "false_positive_rate", "decision_threshold", "contradicts_assumed_null"]  # fmt: skip
+               "false_positive_rate", "decision_threshold", "contradicts_assumed_null",
+               "held_out_false_positive_rate"]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
+
+
+def _decision_threshold(statistics, positive, threshold: float, kind: str) -> float:
+    """The matrix's threshold: the scheme's, raised to the null maximum where the null contradicts it.
+
+    A statistic must then exceed every null model's (:func:`_verdict`); a
+    fragile scheme's verdict (intact or modified) is its own.
+    """
+    if kind == "fragile" or not np.any(positive):
+        return threshold
+    return max(threshold, float(np.max(statistics)))
+
+
+def _held_out_rate(statistics, positive, threshold: float, kind: str) -> float:
+    """The false-positive rate of the matrix's verdict, each null model judged by the others.
+
+    On the null models it was set with, the raised threshold calls none of
+    them positive by construction; judged at the threshold the other n - 1
+    set (leave one out), a null model is a false positive when the scheme
+    calls it positive and, where that threshold is raised, its statistic
+    exceeds every other's: at most 1/n of them for a raised threshold.
+    """
+    calls = []
+    for i in range(len(statistics)):
+        others = np.arange(len(statistics)) != i
+        decision = _decision_threshold(statistics[others], positive[others], threshold, kind)
+        raised = decision > threshold + 1e-12
+        calls.append(bool(positive[i]) and (not raised or statistics[i] > decision))
+    return float(np.mean(calls)) if calls else math.nan
 
 
 def _empirical_p(statistic: float, null: np.ndarray) -> float:
@@ -254,6 +288,9 @@ def claims(out: Run, plan, frames: dict, config) -> None:
         "fingerprint_auc", float(fingerprint["roc_auc"].min()) if len(fingerprint) else None
     )
     out.measure("max_false_positive_rate", float(rates["false_positive_rate"].max()))
+    out.measure(
+        "max_held_out_false_positive_rate", float(rates["held_out_false_positive_rate"].max())
+    )
     fragile = matrix[(matrix["kind"] == "fragile") & (matrix["status"] == "ok")]
     changed = fragile[fragile["column"] != "identity"]
     out.measure(

@@ -150,3 +150,26 @@ def test_the_matrix_runs_on_a_model_the_suite_did_not_make(tmp_path, monkeypatch
     assert list(frame["verdict_after"]) == ["intact"]
     config = (out / "config.json").read_text()
     assert "mine.keras" in config
+
+
+def test_the_matrix_verdict_is_judged_on_null_models_held_out_of_its_threshold():
+    import numpy as np
+
+    from reproduce.matrix_tables import _decision_threshold, _held_out_rate
+
+    statistics = np.array([0.1, 0.2, 0.3, 0.5])
+    positive = statistics >= 0.25  # the scheme's own threshold calls two of four positive
+    assert _decision_threshold(statistics, positive, 0.25, "robust") == 0.5
+    assert _decision_threshold(statistics, positive, 0.25, "fragile") == 0.25
+    # held out, 0.5 exceeds the others' maximum 0.3; 0.3 does not exceed 0.5
+    assert _held_out_rate(statistics, positive, 0.25, "robust") == 0.25
+    # the largest tied: neither exceeds the other, so neither is a false positive
+    tied = np.array([0.1, 0.5, 0.5])
+    assert _held_out_rate(tied, tied >= 0.25, 0.25, "robust") == 0.0
+    # one positive null: held out, the others no longer contradict the scheme's threshold
+    one = np.array([0.1, 0.2, 0.3])
+    assert _held_out_rate(one, one >= 0.25, 0.25, "robust") == pytest.approx(1 / 3)
+    # a fragile scheme keeps its own verdict
+    assert _held_out_rate(statistics, positive, 0.25, "fragile") == 0.5
+    none = np.zeros(4, bool)
+    assert _held_out_rate(statistics, none, 0.9, "robust") == 0.0
