@@ -52,6 +52,7 @@ import models
 from models import classifier
 from models.config import option, validate
 from models.errors import UnknownNameError, UserError
+from models.isolation import release
 from models.training import TrainConfig, compile_for_training
 
 log = logging.getLogger(__name__)
@@ -326,6 +327,7 @@ def build_families(source: keras.Model, data, config: FamilyConfig) -> Families:
             member.test_accuracy,
             "cached" if member.from_cache else f"trained in {member.train_seconds:.0f} s",
         )
+    release()  # the trainings are done: a training process gives its memory back
     return Families(source_member, members)
 
 

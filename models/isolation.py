@@ -24,6 +24,13 @@ rerun. A training with callbacks or hooks (Python objects that live in the
 parent) stays in the parent, as does a model that cannot be written to a
 ``.keras`` file (a warning says so).
 
+Two more pieces for callers that hold many models at once: :func:`release`
+stops the worker when a batch of trainings is done (the families of
+:mod:`fingerprints.families`), and :func:`run_elsewhere` runs a whole stage
+in a fresh process with this one's settings (each experiment of the cae
+reproduction: a 38-member ResNet50 family, the generation over it and ART's
+attacks took the process to 17 GB, the trainings already elsewhere).
+
 Cost: a worker starts TensorFlow once (about 5 s here) and every training
 writes its model file (under a second for a ResNet50); with ``N`` trainings
 per worker that is paid once per ``N``. On GPUs the parent and the worker
@@ -52,7 +59,13 @@ from models.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["set_trainings_per_process", "train_elsewhere", "trainings_per_process"]
+__all__ = [
+    "release",
+    "run_elsewhere",
+    "set_trainings_per_process",
+    "train_elsewhere",
+    "trainings_per_process",
+]
 
 _STATE: dict = {"every": None, "pool": None, "scratch": None}
 
@@ -101,8 +114,6 @@ def train_elsewhere(model: keras.Model, x, y, data_id: str, config, tag: str, op
         The key the worker trained under, or None when the model cannot be
         written to a ``.keras`` file (the caller trains it in this process).
     """
-    from models import training
-
     scratch = _scratch()
     model_file = scratch / f"{uuid.uuid4().hex}.keras"
     try:
@@ -110,12 +121,10 @@ def train_elsewhere(model: keras.Model, x, y, data_id: str, config, tag: str, op
     except (ValueError, TypeError, NotImplementedError) as exc:
         log.warning("%s trains in this process: no .keras file of it (%s)", model.name, exc)
         return None
-    limits = {"max_steps": training.max_steps(), "devices": training.devices(),
-              "deterministic": training.determinism_enabled()}  # fmt: skip
     arrays = [str(_array_file(scratch, f"{name}-{data_id}", a)) for name, a in (("x", x), ("y", y))]
     try:
         future = _pool().submit(
-            _child, str(model_file), arrays, data_id, config, tag, options, limits
+            _child, str(model_file), arrays, data_id, config, tag, options, _limits()
         )
         return future.result()
     except BrokenProcessPool:
@@ -128,16 +137,69 @@ def train_elsewhere(model: keras.Model, x, y, data_id: str, config, tag: str, op
         model_file.unlink(missing_ok=True)
 
 
+def release() -> None:
+    """Stop the training worker now (its memory goes back); the next training starts another."""
+    _shutdown()
+
+
+def run_elsewhere(function, *args):
+    """``function(*args)`` in a fresh process with this one's settings, when trainings go to
+    child processes (:func:`set_trainings_per_process`); here otherwise.
+
+    For a stage that holds many models at once (a family and the generation
+    over it): what TensorFlow keeps after it goes back when the process ends.
+    ``function`` and what it returns travel by pickle.
+    """
+    if not trainings_per_process():
+        return function(*args)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker,
+                             initargs=_output()) as pool:  # fmt: skip
+        try:
+            return pool.submit(_call, function, args, _limits()).result()
+        except BrokenProcessPool:
+            raise RuntimeError(
+                f"the process running {getattr(function, '__name__', function)} died "
+                "(out of memory?); rerun to resume from the cache"
+            ) from None
+
+
+def _limits() -> dict:
+    """This process's settings that a child process must share."""
+    from models import training
+
+    return {"max_steps": training.max_steps(), "devices": training.devices(),
+            "deterministic": training.determinism_enabled(), "caching": training.caching(),
+            "every": trainings_per_process()}  # fmt: skip
+
+
+def _apply(limits: dict) -> None:
+    from models import training
+
+    training.set_max_steps(limits["max_steps"])
+    training.set_devices(limits["devices"])
+    training.set_caching(limits["caching"])
+    if limits["deterministic"]:
+        training.deterministic(True)
+
+
+def _call(function, args: tuple, limits: dict):
+    """In a fresh process: the settings, the call, then the training worker stopped."""
+    _apply(limits)
+    set_trainings_per_process(limits["every"])
+    try:
+        return function(*args)
+    finally:
+        _shutdown()
+
+
 def _child(model_file: str, arrays: list[str], data_id: str, config, tag: str, options: dict,
            limits: dict) -> str:  # fmt: skip
     """In the worker: load the model and the data, train through the cache, return the key."""
     from models import training
     from models.loading import load_model
 
-    training.set_max_steps(limits["max_steps"])
-    training.set_devices(limits["devices"])
-    if limits["deterministic"]:
-        training.deterministic(True)
+    _apply(limits)
     model = load_model(model_file)
     x, y = (np.load(path, mmap_mode="r") for path in arrays)
     data = _Arrays(x, y, data_id)
@@ -168,13 +230,25 @@ def _pool() -> ProcessPoolExecutor:
             mp_context=multiprocessing.get_context("spawn"),
             max_tasks_per_child=_STATE["every"] or 1,
             initializer=_start_worker,
-            initargs=(logging.getLogger().getEffectiveLevel(),),
+            initargs=_output(),
         )
     return _STATE["pool"]
 
 
-def _start_worker(level: int) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s [training process] %(name)s: %(message)s")
+def _output() -> tuple[bool, bool]:
+    """(log lines shown, Keras' interactive progress on) in this process, for a child's."""
+    return logging.getLogger().isEnabledFor(
+        logging.INFO
+    ), keras.config.is_interactive_logging_enabled()
+
+
+def _start_worker(verbose: bool, interactive: bool) -> None:
+    """A child's output as its parent's: log lines on stderr only if shown there, no stdout."""
+    from models.cli import configure_logging
+
+    configure_logging(verbose, "%(asctime)s [child process] %(name)s: %(message)s")
+    if not interactive:
+        keras.config.disable_interactive_logging()
 
 
 def _shutdown() -> None:

@@ -18,6 +18,7 @@ from fingerprints.compare import ATTACKS, compare
 from fingerprints.families import describe, pick_candidates
 from models import classifier
 from models.config import replace
+from models.isolation import run_elsewhere
 from reproduce.cae.config import (
     _SETS,
     CLAIM_EPS,
@@ -134,7 +135,8 @@ def _experiment(experiment: Experiment, config: CaeRunConfig):
 def run(config: CaeRunConfig, out: Run) -> None:
     """Train the families, generate and verify fingerprints, compare with ART, stage everything."""
     started = time.perf_counter()
-    results = [_experiment(e, config) for e in config.experiments]
+    # with --trainings-per-process, each experiment in a process of its own (models.isolation)
+    results = [run_elsewhere(_experiment, e, config) for e in config.experiments]
     cae, families = config.cae, config.cae.families
     out.describe(filter=cae.min_conferrability, strict=STRICT_FILTER, eps=CLAIM_EPS,
                  complement=round(1 - cae.min_conferrability, 2), candidates=cae.candidates,

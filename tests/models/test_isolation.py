@@ -1,6 +1,7 @@
 """Training in a child process (models.isolation): same key, same weights, restored here."""
 
 import argparse
+import os
 
 import keras
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import models
 from models import training
 from models.errors import UserError
-from models.isolation import set_trainings_per_process, trainings_per_process
+from models.isolation import run_elsewhere, set_trainings_per_process, trainings_per_process
 from models.training import TrainConfig, cache_key
 from tests.conftest import weights_equal
 
@@ -83,3 +84,20 @@ def test_the_paper_preset_trains_in_child_processes_by_default():
     assert limits("quick") is None
     assert limits("paper", 0) is None
     assert limits("quick", 3) == 3
+
+
+def _where_and_how() -> tuple:
+    return os.getpid(), training.max_steps(), training.caching(), trainings_per_process()
+
+
+def test_a_stage_runs_elsewhere_with_this_process_settings():
+    here = os.getpid()
+    assert run_elsewhere(_where_and_how)[0] == here  # trainings here: so is the stage
+    set_trainings_per_process(3)
+    training.set_max_steps(2)
+    training.set_caching(False)
+    try:
+        pid, *settings = run_elsewhere(_where_and_how)
+        assert pid != here and settings == [2, False, 3]
+    finally:
+        training.set_caching(True)
