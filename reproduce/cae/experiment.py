@@ -18,7 +18,7 @@ from fingerprints.compare import ATTACKS, compare
 from fingerprints.families import describe, pick_candidates
 from models import classifier
 from models.config import replace
-from models.isolation import run_elsewhere
+from models.isolation import run_elsewhere, trainings_per_process
 from reproduce.cae.config import (
     _SETS,
     CLAIM_EPS,
@@ -96,11 +96,10 @@ def _measure(out: Run, summaries: dict, fig3: pd.DataFrame) -> None:
         out.measure(f"slope_{method}", slope)
 
 
-def _experiment(experiment: Experiment, config: CaeRunConfig):
-    """Families, fingerprints at both filters, member table and Fig. 2-3 rows of one experiment."""
-    tag = (experiment.dataset, experiment.label)
-    data = _load(experiment, config)
+def _setup(experiment: Experiment, config: CaeRunConfig) -> tuple:
+    """``(data, source, scheme, families, seconds)`` of one experiment, trained or restored."""
     started = time.perf_counter()
+    data = _load(experiment, config)
     own, thief = data.split(0.5, seed=config.seed) if experiment.thief_split else (data, data)
     source, trained = _source(experiment, own)
     options = {"architectures": (experiment.architecture,), "extraction": experiment.extraction}
@@ -108,7 +107,13 @@ def _experiment(experiment: Experiment, config: CaeRunConfig):
     families = scheme.families(source, thief)
     families.source.architecture = experiment.architecture
     families.source.train_seconds, families.source.from_cache = trained.seconds, trained.from_cache
-    t_families = time.perf_counter() - started
+    return data, source, scheme, families, time.perf_counter() - started
+
+
+def _fingerprints(experiment: Experiment, config: CaeRunConfig, setup: tuple | None = None):
+    """Fingerprints at both filters, the member table and Fig. 2 rows of one experiment."""
+    tag = (experiment.dataset, experiment.label)
+    data, source, scheme, families, t_families = setup or _setup(experiment, config)
     # Every adversarial example once (filter 0), then the filters and the diagnostic set.
     everything = CAE(replace(scheme.config, min_conferrability=0.0))
     adversarial = everything.fingerprint(source, families, data)
@@ -123,20 +128,46 @@ def _experiment(experiment: Experiment, config: CaeRunConfig):
     summaries = {k: {**summary, "filter": levels[k]} for k, (_, summary) in assessed.items()}
     for suffix, (rows, _) in assessed.items():
         members[f"caeacc{suffix}"] = [math.nan] + [round(r["caeacc"], 4) for r in rows]
-    started = time.perf_counter()
-    fig3 = _fig3(tag, source, families, data, config)
     facts = adversarial.metadata
-    timing = (t_families, facts["generation_seconds"], time.perf_counter() - started)
-    notes = {"families": describe(families), "data": repr(data), "timing": timing}
+    notes = {"families": describe(families), "data": repr(data),
+             "timing": (t_families, facts["generation_seconds"])}  # fmt: skip
     notes.update({k: facts[k] for k in ("counts", "adversarial", "max_conferrability")})
-    return tag, members, summaries, _fig2_rows(tag, sets[""], data.num_classes), fig3, notes
+    return tag, members, summaries, _fig2_rows(tag, sets[""], data.num_classes), notes
+
+
+def _comparison(experiment: Experiment, config: CaeRunConfig, setup: tuple | None = None):
+    """Fig. 3's rows of one experiment and their wall time."""
+    tag = (experiment.dataset, experiment.label)
+    data, source, _, families, _ = setup or _setup(experiment, config)
+    started = time.perf_counter()
+    return _fig3(tag, source, families, data, config), time.perf_counter() - started
+
+
+def _experiment(experiment: Experiment, config: CaeRunConfig):
+    """Families, fingerprints at both filters, member table and Fig. 2-3 rows of one experiment.
+
+    With ``--trainings-per-process`` the fingerprints and the comparison each
+    run in a process of their own (:func:`models.isolation.run_elsewhere`),
+    the comparison's restoring the families from the cache: every graph traced
+    over the family stays in its process's memory (the paper preset's ResNet50
+    experiment, its 38 members, two generations and ART's attacks in one
+    process, passed 21 GB).
+    """
+    if trainings_per_process():
+        tag, members, summaries, fig2, notes = run_elsewhere(_fingerprints, experiment, config)
+        fig3, seconds = run_elsewhere(_comparison, experiment, config)
+    else:
+        setup = _setup(experiment, config)
+        tag, members, summaries, fig2, notes = _fingerprints(experiment, config, setup)
+        fig3, seconds = _comparison(experiment, config, setup)
+    notes["timing"] = (*notes["timing"], seconds)
+    return tag, members, summaries, fig2, fig3, notes
 
 
 def run(config: CaeRunConfig, out: Run) -> None:
     """Train the families, generate and verify fingerprints, compare with ART, stage everything."""
     started = time.perf_counter()
-    # with --trainings-per-process, each experiment in a process of its own (models.isolation)
-    results = [run_elsewhere(_experiment, e, config) for e in config.experiments]
+    results = [_experiment(e, config) for e in config.experiments]
     cae, families = config.cae, config.cae.families
     out.describe(filter=cae.min_conferrability, strict=STRICT_FILTER, eps=CLAIM_EPS,
                  complement=round(1 - cae.min_conferrability, 2), candidates=cae.candidates,
