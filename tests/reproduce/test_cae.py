@@ -138,3 +138,18 @@ def test_plan_says_whether_the_transfer_learning_weights_are_there(tmp_path, mon
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / DENSENET121_NOTOP_FILE).write_bytes(b"")
     assert "starts from the ImageNet weights" in notes()[0]
+
+
+def test_child_processes_give_the_numbers_of_one_process(tmp_path, monkeypatch):
+    """--trainings-per-process: trainings, fingerprints and comparison in child processes."""
+    outs = {}
+    for every in (0, 2):
+        monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / f"cache{every}"))
+        outs[every] = tmp_path / f"out{every}"
+        argv = ["cae", "--preset", "smoke", "--trainings-per-process", str(every)]
+        assert main([*argv, "--out", str(outs[every])]) == 0
+    timing = ["train_seconds", "from_cache", "seconds"]
+    for name in ("table_models.csv", "table_caeacc.csv", "table_fig3.csv"):
+        here, away = (pd.read_csv(outs[k] / name) for k in (0, 2))
+        here, away = (t.drop(columns=[c for c in timing if c in t]) for t in (here, away))
+        pd.testing.assert_frame_equal(here, away, check_exact=False, rtol=1e-6)
