@@ -112,7 +112,8 @@ def train_elsewhere(model: keras.Model, x, y, data_id: str, config, tag: str, op
 
     Returns:
         The key the worker trained under, or None when the model cannot be
-        written to a ``.keras`` file (the caller trains it in this process).
+        written to a ``.keras`` file or read back from it in the worker (a
+        class only this process knows): the caller trains it here.
     """
     scratch = _scratch()
     model_file = scratch / f"{uuid.uuid4().hex}.keras"
@@ -194,13 +195,17 @@ def _call(function, args: tuple, limits: dict):
 
 
 def _child(model_file: str, arrays: list[str], data_id: str, config, tag: str, options: dict,
-           limits: dict) -> str:  # fmt: skip
+           limits: dict) -> str | None:  # fmt: skip
     """In the worker: load the model and the data, train through the cache, return the key."""
     from models import training
     from models.loading import load_model
 
     _apply(limits)
-    model = load_model(model_file)
+    try:
+        model = load_model(model_file)
+    except (UserError, ValueError, TypeError) as exc:  # a class that only the parent knows
+        log.warning("the model is trained in the parent: %s", exc)
+        return None
     x, y = (np.load(path, mmap_mode="r") for path in arrays)
     data = _Arrays(x, y, data_id)
     return training.train(model, data, config, cache=True, cache_tag=tag, **options).key

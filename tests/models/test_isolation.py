@@ -101,3 +101,23 @@ def test_a_stage_runs_elsewhere_with_this_process_settings():
         assert pid != here and settings == [2, False, 3]
     finally:
         training.set_caching(True)
+
+
+@keras.saving.register_keras_serializable(package="test_isolation")
+class _Twice(keras.layers.Layer):
+    """A layer only this process knows: the spawned worker cannot read a model with it."""
+
+    def call(self, x):
+        return x * 2.0
+
+
+def test_a_model_the_child_cannot_read_trains_here(digits, tmp_path, monkeypatch):
+    inputs = keras.Input(digits.input_shape)
+    hidden = keras.layers.Flatten()(_Twice()(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(hidden))
+    fits = []
+    real_fit = training._fit
+    monkeypatch.setattr(training, "_fit", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    set_trainings_per_process(1)
+    result = models.train(model, digits, FAST, cache_dir=tmp_path, verbose=0)
+    assert fits == [1] and not result.from_cache
