@@ -622,26 +622,14 @@ def train(
     """
     x, y = _training_arrays(data)
     cache = caching() if cache is None else cache
-    given_tag = cache_tag
-    if hooks:
-        cache_tag = f"{cache_tag}|hooks:{','.join(sorted(h.name for h in hooks))}"
-    if snapshots:
-        cache_tag = f"{cache_tag}|snapshots"
-    if max_steps() is not None:  # a truncated training never stands in for a full one
-        cache_tag = f"{cache_tag}|max_steps={max_steps()}"
-    probability_targets = y.ndim == 2
-    outputs = getattr(model, "outputs", None)  # None for a subclassed model: Keras checks later
-    if probability_targets and outputs and y.shape[1] != outputs[0].shape[-1]:
-        raise UserError(
-            f"the probability targets have {y.shape[1]} columns but model '{model.name}' has "
-            f"{outputs[0].shape[-1]} outputs; expected one column per class"
-        )
+    probability_targets = _check_targets(model, y)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = cache_key(model, data if hasattr(data, "digest") else (x, y), config, cache_tag)
+    full_tag = _full_tag(cache_tag, hooks, snapshots)
+    key = cache_key(model, data if hasattr(data, "digest") else (x, y), config, full_tag)
     job = _Job(model, config, root, key, probability_targets)
     options = {"cache_dir": str(root), "snapshots": snapshots, "verbose": verbose}
     movable = cache and not (hooks or callbacks)
-    elsewhere = movable and _in_child(job, (x, y, data), given_tag, options)
+    elsewhere = movable and _in_child(job, (x, y, data), cache_tag, options)
     compile_for_training(model, config, probability_targets=probability_targets)
     if config.epochs == 0:
         seed_everything(config.seed)
@@ -652,6 +640,29 @@ def train(
             return dataclasses.replace(result, from_cache=False) if elsewhere else result
         extra = (list(hooks), list(callbacks))
         return job.fit(x, y, cache, extra, snapshots, verbose)
+
+
+def _full_tag(tag: str, hooks: Sequence[Hook], snapshots: bool) -> str:
+    """The caller's cache tag with what else changes the outcome: hooks, snapshots, max steps."""
+    if hooks:
+        tag = f"{tag}|hooks:{','.join(sorted(h.name for h in hooks))}"
+    if snapshots:
+        tag = f"{tag}|snapshots"
+    if max_steps() is not None:  # a truncated training never stands in for a full one
+        tag = f"{tag}|max_steps={max_steps()}"
+    return tag
+
+
+def _check_targets(model: keras.Model, y: np.ndarray) -> bool:
+    """Whether ``y`` holds probability targets; a ``UserError`` if their columns miss the outputs."""
+    probability_targets = y.ndim == 2
+    outputs = getattr(model, "outputs", None)  # None for a subclassed model: Keras checks later
+    if probability_targets and outputs and y.shape[1] != outputs[0].shape[-1]:
+        raise UserError(
+            f"the probability targets have {y.shape[1]} columns but model '{model.name}' has "
+            f"{outputs[0].shape[-1]} outputs; expected one column per class"
+        )
+    return probability_targets
 
 
 @contextlib.contextmanager
