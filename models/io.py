@@ -115,6 +115,32 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def cached_json(path: str | os.PathLike | None, make) -> Any:
+    """The JSON at ``path``, or ``make()`` written there first (atomically).
+
+    Either way the value is read back as JSON, so a run that resumes sees
+    exactly what the run that computed it saw; with ``path`` None nothing is
+    written and the value still goes through JSON. NumPy scalars and arrays
+    become numbers and lists; anything else unknown to JSON its ``str``.
+    """
+    if path is None:
+        return json.loads(json.dumps(make(), default=_jsonable))
+    path = Path(path)
+    if not path.is_file():
+        result = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(result, indent=1, default=_jsonable))
+    return json.loads(path.read_text())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
 def save_npz(
     path: str | os.PathLike, arrays: Mapping[str, np.ndarray], metadata: Mapping, *, what: str
 ) -> Path:

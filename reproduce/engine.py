@@ -40,12 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import models
 from models import classifier
 from models.errors import EmbeddingFailed, UserError
-from models.io import write_text
+from models.io import cached_json
 from models.training import TrainConfig, default_cache_dir, deterministic, seed_everything
 
 log = logging.getLogger(__name__)
@@ -126,24 +124,6 @@ class Plan:
 # --------------------------------------------------------------------------- shared parts
 
 
-def _cached(path: Path, make) -> dict:
-    """The JSON at ``path``, or ``make()`` written there first."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps(result, indent=1, default=_jsonable))
-    return json.loads(path.read_text())
-
-
-def _jsonable(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
 @dataclass
 class Context:
     """What one seed's tasks share: the owner's data, the adversary's, the base model."""
@@ -221,7 +201,7 @@ def embed_task(plan_values: dict, seed: int, name: str) -> dict:
     """Mark (or fingerprint) the base model with unit ``name``; cached."""
     plan = Plan.from_dict(plan_values)
     folder = plan.folder(seed)
-    return _cached(folder / "units" / name / "summary.json", lambda: _embed(plan, seed, name))
+    return cached_json(folder / "units" / name / "summary.json", lambda: _embed(plan, seed, name))
 
 
 def _embed(plan: Plan, seed: int, name: str) -> dict:
@@ -310,7 +290,7 @@ def cell_task(plan_values: dict, seed: int, name: str, column: str) -> dict:
     plan = Plan.from_dict(plan_values)
     slug = hashlib.sha256(column.encode()).hexdigest()[:10]
     path = plan.folder(seed) / "cells" / name / f"{slug}.json"
-    return _cached(path, lambda: _cell(plan, seed, name, column))
+    return cached_json(path, lambda: _cell(plan, seed, name, column))
 
 
 def _cell(plan: Plan, seed: int, name: str, column: str) -> dict:

@@ -13,11 +13,11 @@ import dataclasses
 
 import models
 from models import classifier
+from models.io import cached_json
 from models.training import TrainConfig, seed_everything
 from reproduce.engine import (
     Context,
     Plan,
-    _cached,
     _load_secret,
     _unit,
     _verification_row,
@@ -36,7 +36,7 @@ def null_task(plan_values: dict, seed: int, index: int) -> dict:
     """Null model ``index``, scored against every unit's key of ``seed``; cached."""
     plan = Plan.from_dict(plan_values)
     path = plan.folder(seed) / "nulls" / f"{index:03d}.json"
-    return _cached(path, lambda: _null(plan, seed, index))
+    return cached_json(path, lambda: _null(plan, seed, index))
 
 
 def _null(plan: Plan, seed: int, index: int) -> dict:
