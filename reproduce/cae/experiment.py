@@ -6,9 +6,15 @@ model and Fig. 2-3 tables, the claims' measurements and the REPORT sections.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
+import logging
 import math
 import time
+from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
 
@@ -18,7 +24,9 @@ from fingerprints.compare import ATTACKS, compare
 from fingerprints.families import describe, pick_candidates
 from models import classifier
 from models.config import replace
+from models.io import cached_json
 from models.isolation import run_elsewhere, trainings_per_process
+from models.training import default_cache_dir, max_steps
 from reproduce.cae.config import (
     _SETS,
     CLAIM_EPS,
@@ -29,6 +37,8 @@ from reproduce.cae.config import (
     Experiment,
 )
 from reproduce.report import Run
+
+log = logging.getLogger(__name__)
 
 
 def _load(experiment: Experiment, config: CaeRunConfig) -> models.Dataset:
@@ -96,10 +106,9 @@ def _measure(out: Run, summaries: dict, fig3: pd.DataFrame) -> None:
         out.measure(f"slope_{method}", slope)
 
 
-def _setup(experiment: Experiment, config: CaeRunConfig) -> tuple:
+def _setup(experiment: Experiment, config: CaeRunConfig, data: models.Dataset) -> tuple:
     """``(data, source, scheme, families, seconds)`` of one experiment, trained or restored."""
     started = time.perf_counter()
-    data = _load(experiment, config)
     own, thief = data.split(0.5, seed=config.seed) if experiment.thief_split else (data, data)
     source, trained = _source(experiment, own)
     options = {"architectures": (experiment.architecture,), "extraction": experiment.extraction}
@@ -110,10 +119,10 @@ def _setup(experiment: Experiment, config: CaeRunConfig) -> tuple:
     return data, source, scheme, families, time.perf_counter() - started
 
 
-def _fingerprints(experiment: Experiment, config: CaeRunConfig, setup: tuple | None = None):
+def _fingerprints(experiment: Experiment, config: CaeRunConfig, setup: tuple) -> dict:
     """Fingerprints at both filters, the member table and Fig. 2 rows of one experiment."""
     tag = (experiment.dataset, experiment.label)
-    data, source, scheme, families, t_families = setup or _setup(experiment, config)
+    data, source, scheme, families, t_families = setup
     # Every adversarial example once (filter 0), then the filters and the diagnostic set.
     everything = CAE(replace(scheme.config, min_conferrability=0.0))
     adversarial = everything.fingerprint(source, families, data)
@@ -132,15 +141,76 @@ def _fingerprints(experiment: Experiment, config: CaeRunConfig, setup: tuple | N
     notes = {"families": describe(families), "data": repr(data),
              "timing": (t_families, facts["generation_seconds"])}  # fmt: skip
     notes.update({k: facts[k] for k in ("counts", "adversarial", "max_conferrability")})
-    return tag, members, summaries, _fig2_rows(tag, sets[""], data.num_classes), notes
+    fig2 = _fig2_rows(tag, sets[""], data.num_classes)
+    return {"tag": tag, "members": _frame_json(members), "summaries": summaries,
+            "fig2": _frame_json(fig2), "notes": notes}  # fmt: skip
 
 
-def _comparison(experiment: Experiment, config: CaeRunConfig, setup: tuple | None = None):
+def _comparison(experiment: Experiment, config: CaeRunConfig, setup: tuple) -> dict:
     """Fig. 3's rows of one experiment and their wall time."""
     tag = (experiment.dataset, experiment.label)
-    data, source, _, families, _ = setup or _setup(experiment, config)
+    data, source, _, families, _ = setup
     started = time.perf_counter()
-    return _fig3(tag, source, families, data, config), time.perf_counter() - started
+    fig3 = _fig3(tag, source, families, data, config)
+    return {"fig3": _frame_json(fig3), "seconds": time.perf_counter() - started}
+
+
+_STAGES = {"fingerprints": _fingerprints, "comparison": _comparison}
+
+
+def _stage(name: str, experiment: Experiment, config: CaeRunConfig, data=None, setup=None) -> dict:
+    """Stage ``name`` of one experiment as JSON, or its result from the cache when an earlier
+    run of the same configuration, data and code finished it (a killed run resumes after its
+    last finished stage; ``--no-cache`` turns this off).
+
+    ``setup`` (a callable) gives the families; it is called only when the stage runs.
+    """
+    data = _load(experiment, config) if data is None else data
+    setup = setup or (lambda: _setup(experiment, config, data))
+    path = _stage_file(name, experiment, config, data) if config.cache else None
+    resumed = path is not None and path.is_file()
+    if resumed:
+        log.info("%s of %s (%s): read back from %s", name, experiment.label, experiment.dataset,
+                 path)  # fmt: skip
+    result = cached_json(path, lambda: _STAGES[name](experiment, config, setup()))
+    return {**result, "resumed": resumed}
+
+
+def _stage_file(name: str, experiment: Experiment, config: CaeRunConfig, data) -> Path:
+    """Where a stage's result is kept: keyed by the stage, the experiment, the configuration,
+    the data's digest, ``--max-steps`` and the code that computes it."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in ("experiments", "cache", "data_dir")}  # fmt: skip
+    described = {"stage": name, "experiment": dataclasses.asdict(experiment),
+                 "config": settings, "data": data.digest(), "max_steps": max_steps(),
+                 "code": _code_digest()}  # fmt: skip
+    key = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
+    return default_cache_dir() / "cae_stages" / f"{key.hexdigest()[:24]}.json"
+
+
+@functools.cache
+def _code_digest() -> str:
+    """The source of the fingerprint units and of this reproduction, and the versions of the
+    libraries they run on: a change to any of them computes the stages afresh (the trained
+    models stay in the model cache, keyed by their own configuration)."""
+    import art
+    import tensorflow as tf
+
+    digest = hashlib.sha256(f"{keras.__version__} {tf.__version__} {art.__version__}".encode())
+    root = Path(__file__).resolve().parents[2]
+    for path in sorted(
+        [*(root / "fingerprints").glob("*.py"), *Path(__file__).parent.glob("*.py")]
+    ):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _frame_json(frame: pd.DataFrame) -> dict:
+    return {"columns": list(frame.columns), "rows": frame.to_numpy(dtype=object).tolist()}
+
+
+def _frame(values: dict) -> pd.DataFrame:
+    return pd.DataFrame(values["rows"], columns=values["columns"])
 
 
 def _experiment(experiment: Experiment, config: CaeRunConfig):
@@ -154,14 +224,18 @@ def _experiment(experiment: Experiment, config: CaeRunConfig):
     process, passed 21 GB).
     """
     if trainings_per_process():
-        tag, members, summaries, fig2, notes = run_elsewhere(_fingerprints, experiment, config)
-        fig3, seconds = run_elsewhere(_comparison, experiment, config)
+        first = run_elsewhere(_stage, "fingerprints", experiment, config)
+        second = run_elsewhere(_stage, "comparison", experiment, config)
     else:
-        setup = _setup(experiment, config)
-        tag, members, summaries, fig2, notes = _fingerprints(experiment, config, setup)
-        fig3, seconds = _comparison(experiment, config, setup)
-    notes["timing"] = (*notes["timing"], seconds)
-    return tag, members, summaries, fig2, fig3, notes
+        data = _load(experiment, config)
+        setup = functools.cache(lambda: _setup(experiment, config, data))
+        first, second = (_stage(n, experiment, config, data, setup) for n in _STAGES)
+    notes = first["notes"]
+    notes["timing"] = (*notes["timing"], second["seconds"])
+    stages = zip(_STAGES, (first, second), strict=True)
+    notes["resumed"] = [name for name, stage in stages if stage["resumed"]]
+    frames = (_frame(first["members"]), _frame(first["fig2"]), _frame(second["fig3"]))
+    return tuple(first["tag"]), frames[0], first["summaries"], frames[1], frames[2], notes
 
 
 def run(config: CaeRunConfig, out: Run) -> None:
@@ -210,7 +284,13 @@ def _shows(summaries: dict, notes: dict) -> str:
     lines = ["```", notes["families"], "```", "", f"- data: {notes['data']}"]
     lines += [
         f"- wall time: source and families {t[0]:.0f} s, generation {t[1]:.0f} s, "
-        f"comparison with ART {t[2]:.0f} s.",
+        f"comparison with ART {t[2]:.0f} s"
+        + (
+            f" ({' and '.join(notes['resumed'])} read back from an earlier run's cache: those "
+            "times are that run's)."
+            if notes["resumed"]
+            else "."
+        ),
         f"- {notes['adversarial']} candidates became adversarial to the source; highest "
         f"conferrability {notes['max_conferrability']:.3f}; adversarial examples at conferrability "
         "0.8 / 0.85 / 0.9 / 0.95: " + " / ".join(str(v) for v in notes["counts"].values()) + ".",

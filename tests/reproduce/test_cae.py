@@ -153,3 +153,27 @@ def test_child_processes_give_the_numbers_of_one_process(tmp_path, monkeypatch):
         here, away = (pd.read_csv(outs[k] / name) for k in (0, 2))
         here, away = (t.drop(columns=[c for c in timing if c in t]) for t in (here, away))
         pd.testing.assert_frame_equal(here, away, check_exact=False, rtol=1e-6)
+
+
+def test_a_rerun_reads_finished_stages_back(tmp_path, monkeypatch):
+    """A killed run resumes after its last finished stage: the rerun computes no stage again and
+    writes the same tables; another --max-steps (or data, config, code) computes afresh."""
+    from reproduce.cae import experiment
+
+    monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["cae", "--preset", "smoke", "--out"]
+    assert main([*argv, str(tmp_path / "first")]) == 0
+    assert len(list((tmp_path / "cache" / "cae_stages").glob("*.json"))) == 2
+
+    def computed(*args):
+        raise AssertionError("a finished stage was computed again")
+
+    monkeypatch.setattr(experiment, "_STAGES", dict.fromkeys(experiment._STAGES, computed))
+    assert main([*argv, str(tmp_path / "again")]) == 0
+    for name in ("table_models.csv", "table_caeacc.csv", "table_fig2.csv", "table_fig3.csv"):
+        first, again = (pd.read_csv(tmp_path / d / name) for d in ("first", "again"))
+        pd.testing.assert_frame_equal(first, again)
+    assert "read back from an earlier run's cache" in (tmp_path / "again" / "REPORT.md").read_text()
+    assert "read back" not in (tmp_path / "first" / "REPORT.md").read_text()
+    with pytest.raises(AssertionError, match="computed again"):
+        main(["cae", "--preset", "smoke", "--max-steps", "3", "--out", str(tmp_path / "other")])
