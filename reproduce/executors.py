@@ -21,9 +21,14 @@ from models.errors import UserError
 from reproduce.engine import Plan, cell_task, embed_task
 from reproduce.nulls import null_kinds, null_task
 
-__all__ = ["EXECUTORS", "check", "check_user_model", "run"]
+__all__ = ["EXECUTORS", "check", "check_user_model", "run", "task_options"]
 
 EXECUTORS = ("local", "ray")
+# A Ray worker runs this many tasks and is then replaced: every training leaves memory behind in
+# its process (models.isolation measures it; 0.5 GB per ResNet50), so a long-lived worker that
+# trains a cell after another would grow without bound. The same number as the paper preset's
+# --trainings-per-process.
+TASKS_PER_WORKER = 8
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -85,10 +90,15 @@ def _jobs(plan: Plan, seeds: Iterable[int]) -> tuple[list, list]:
     return first, later
 
 
-def run(plan: Plan, seeds: tuple[int, ...], executor: str, address: str | None) -> dict:
-    """Every task's result: ``{"embed": [...], "null": [...], "cell": [...]}``."""
+def run(
+    plan: Plan, seeds: tuple[int, ...], executor: str, address: str | None, gpus: float = 0.0
+) -> dict:
+    """Every task's result: ``{"embed": [...], "null": [...], "cell": [...]}``.
+
+    ``gpus``: the GPUs (or share of one) each Ray task asks for.
+    """
     first, later = _jobs(plan, seeds)
-    runner = _run_ray(address) if executor == "ray" else _run_local
+    runner = _run_ray(address, gpus) if executor == "ray" else _run_local
     results: dict[str, list] = {"embed": [], "null": [], "cell": []}
     for stage, what in ((first, "embeddings"), (later, "nulls and cells")):
         progress = Progress(len(stage), what)
@@ -105,12 +115,13 @@ def _run_local(jobs: list, progress: Progress) -> list:
     return out
 
 
-def _run_ray(address: str | None) -> Callable[[list, Progress], list]:
+def _run_ray(address: str | None, gpus: float) -> Callable[[list, Progress], list]:
     import ray
 
     def runner(jobs: list, progress: Progress) -> list:
         _connect(ray, address)
-        remote = {f: ray.remote(f) for f in {function for _, function, _, _ in jobs}}
+        options = task_options(ray.cluster_resources(), gpus)
+        remote = {f: ray.remote(**options)(f) for f in {function for _, function, _, _ in jobs}}
         pending = {remote[f].remote(*args): i for i, (_, f, args, _) in enumerate(jobs)}
         out: list = [None] * len(jobs)
         while pending:
@@ -121,6 +132,20 @@ def _run_ray(address: str | None) -> Callable[[list, Progress], list]:
         return out
 
     return runner
+
+
+def task_options(resources: dict, gpus: float) -> dict:
+    """Ray's options of every task: ``gpus`` GPUs where the cluster has any, and a worker
+    replaced after :data:`TASKS_PER_WORKER` tasks.
+
+    A request for GPUs on a cluster without them would leave every task
+    waiting for ever; the tasks then ask for none, and a line says so.
+    """
+    if gpus and not resources.get("GPU"):
+        print(f"matrix: the Ray cluster has no GPU; the tasks run on CPUs (asked for {gpus:g} "
+              "each)", file=sys.stdout)  # fmt: skip
+        gpus = 0.0
+    return {"num_gpus": gpus, "max_calls": TASKS_PER_WORKER}
 
 
 def _connect(ray, address: str | None) -> None:

@@ -42,6 +42,9 @@ TITLE = "Every scheme against every attack: verdicts on measured nulls"
 # held-out rate of null_rates.csv), so M3's 5% needs n >= 20: a fingerprint's negatives
 # (its surrogates are positives) are the first two kinds, 20 of them.
 NULLS = {"smoke": (2, 1, 1), "quick": (10, 10, 4), "paper": (10, 10, 5)}
+# GPUs each Ray task asks for (--executor ray): a paper cell trains a ResNet20v1 on CIFAR-10; the
+# smaller presets train LeNet-size models, which a CPU runs as fast as a share of a GPU
+GPUS_PER_TASK = {"smoke": 0.0, "quick": 0.0, "paper": 1.0}
 PRESET_NOTES = {
     "smoke": "scikit-learn digits (8x8), the zoo's tiny CNN, three rows and five columns, "
     "2 + 1 + 1 null models: exercises the pipeline and both executors, proves nothing.",
@@ -73,6 +76,7 @@ class MatrixConfig:
     executor: str
     address: str | None
     cache: bool
+    gpus: float = 0.0
 
 
 def _default_columns(preset: str) -> tuple[str, ...]:
@@ -160,7 +164,9 @@ def make_config(
         max_train=None,
         max_test=2000 if preset == "quick" else None,
     )
-    return MatrixConfig(plan, tuple(range(seed, seed + seeds)), executor, address, cache)
+    seeds_run = tuple(range(seed, seed + seeds))
+    gpus = GPUS_PER_TASK.get(preset, 0.0)
+    return MatrixConfig(plan, seeds_run, executor, address, cache, gpus)
 
 
 def _file_digest(path: str) -> str:
@@ -231,7 +237,7 @@ def run(config: MatrixConfig, out: Run) -> None:
     plan = config.plan
     if plan.model_path:  # the gate and the fit, before any work
         executors.check_user_model(plan)
-    results = executors.run(plan, config.seeds, config.executor, config.address)
+    results = executors.run(plan, config.seeds, config.executor, config.address, config.gpus)
     frames = tables(plan, results, null_kinds(plan))
     for name, frame in frames.items():
         out.table(name, frame)

@@ -173,3 +173,16 @@ def test_the_matrix_verdict_is_judged_on_null_models_held_out_of_its_threshold()
     assert _held_out_rate(statistics, positive, 0.25, "fragile") == 0.5
     none = np.zeros(4, bool)
     assert _held_out_rate(statistics, none, 0.9, "robust") == 0.0
+
+
+def test_ray_tasks_ask_for_the_presets_gpus_where_the_cluster_has_some(capsys):
+    from reproduce.executors import TASKS_PER_WORKER, task_options
+    from reproduce.matrix import make_config
+
+    assert make_config("paper").gpus == 1.0 and make_config("quick").gpus == 0.0
+    with_gpus = task_options({"CPU": 16.0, "GPU": 4.0}, 1.0)
+    assert with_gpus == {"num_gpus": 1.0, "max_calls": TASKS_PER_WORKER}
+    assert capsys.readouterr().out == ""
+    assert task_options({"CPU": 2.0}, 1.0)["num_gpus"] == 0.0  # else every task waits for ever
+    assert "no GPU" in capsys.readouterr().out
+    assert task_options({"CPU": 2.0}, 0.0)["num_gpus"] == 0.0
