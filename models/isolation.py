@@ -46,6 +46,8 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -248,12 +250,32 @@ def _output() -> tuple[bool, bool]:
 
 
 def _start_worker(verbose: bool, interactive: bool) -> None:
-    """A child's output as its parent's: log lines on stderr only if shown there, no stdout."""
+    """A child's output as its parent's: log lines on stderr only if shown there, no stdout;
+    and the child ends with its parent."""
     from models.cli import configure_logging
+
+    _exit_with_parent(os.getppid())
 
     configure_logging(verbose, "%(asctime)s [child process] %(name)s: %(message)s")
     if not interactive:
         keras.config.disable_interactive_logging()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process as soon as its parent is gone.
+
+    A killed parent would otherwise leave its child running: the stage in
+    progress goes on to its end as an orphan, holding its memory (a killed
+    cae run's ResNet50 comparison held 10 GB, and the rerun beside it was
+    killed for memory).
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _shutdown() -> None:

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -121,3 +122,49 @@ def test_a_model_the_child_cannot_read_trains_here(digits, tmp_path, monkeypatch
     set_trainings_per_process(1)
     result = models.train(model, digits, FAST, cache_dir=tmp_path, verbose=0)
     assert fits == [1] and not result.from_cache
+
+
+def _sleep_and_say(path: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(str(os.getpid()))
+    import time
+
+    time.sleep(120)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_child_process_ends_when_its_parent_is_killed(tmp_path):
+    """Killing a run must not leave its stage running on as an orphan that holds its memory."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    said = tmp_path / "pid"
+    script = (
+        "from models.isolation import run_elsewhere, set_trainings_per_process\n"
+        "from tests.models.test_isolation import _sleep_and_say\n"
+        f"set_trainings_per_process(1)\nrun_elsewhere(_sleep_and_say, {str(said)!r})\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=root)
+    try:
+        deadline = time.monotonic() + 120
+        while not (said.is_file() and said.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        child = int(said.read_text())
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent (init here) has not reaped it yet
