@@ -53,7 +53,7 @@ from models import classifier
 from models.config import option, validate
 from models.errors import UnknownNameError, UserError
 from models.isolation import release
-from models.training import TrainConfig, compile_for_training
+from models.training import TrainConfig, compile_for_training, max_steps
 
 log = logging.getLogger(__name__)
 
@@ -350,13 +350,23 @@ def pick_candidates(source: keras.Model, data, count: int, seed: int = 0) -> np.
     Fingerprints start from these, as in Lucas et al.: an example can only be
     adversarial to the source if the source got its original right. (The
     report's code starts from training images; test images keep the
-    candidates out of what every member was fitted on.)
+    candidates out of what every member was fitted on.) A source that gets
+    none right is an error, unless ``--max-steps`` cut its training short
+    (a run that only proves the code path: ImageNet32's 100 classes at 2
+    steps): then every test image is a candidate.
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise UserError(f"the number of candidates must be a positive integer, got {count!r}")
     correct = np.flatnonzero(classifier.labels(source, data.x_test) == data.y_test)
-    if len(correct) == 0:
+    if len(correct) == 0 and max_steps() is None:
         raise UserError("the source model classifies no test image correctly; is it trained?")
+    if len(correct) == 0:  # a source trained for --max-steps steps: the run goes on to its end
+        log.warning(
+            "the source classifies no test image correctly (its training stopped after "
+            "--max-steps %d steps): candidates are drawn from every test image",
+            max_steps(),
+        )
+        correct = np.arange(len(data.y_test))
     chosen = np.random.default_rng([seed, 8]).permutation(correct)[:count]
     if len(chosen) < count:
         log.warning("only %d test images are classified correctly; using them all", len(chosen))

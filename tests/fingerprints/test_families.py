@@ -150,3 +150,18 @@ def test_candidates_are_classified_correctly(families, digits):
     assert np.array_equal(predicted, digits.y_test[chosen])
     with pytest.raises(UserError):
         pick_candidates(families.source.model, digits, 0)
+
+
+def test_a_source_with_no_correct_test_image_stops_the_run_unless_max_steps_cut_it(
+    families, digits, monkeypatch
+):
+    """At --max-steps 2 the paper preset's ImageNet32 source (100 classes) got none right."""
+    from models import training
+
+    wrong = lambda model, x, **kw: (digits.y_test[: len(x)] + 1) % 10  # noqa: E731
+    monkeypatch.setattr(classifier, "labels", wrong)
+    with pytest.raises(UserError, match="no test image correctly"):
+        pick_candidates(families.source.model, digits, 5)
+    training.set_max_steps(2)
+    chosen = pick_candidates(families.source.model, digits, 5, seed=3)
+    assert len(chosen) == 5 and len(set(chosen)) == 5
