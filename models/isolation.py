@@ -41,10 +41,13 @@ then takes device memory as it needs it instead of all at start).
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -69,6 +72,7 @@ __all__ = [
     "trainings_per_process",
 ]
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _STATE: dict = {"every": None, "pool": None, "scratch": None}
 
 
@@ -267,8 +271,16 @@ def _exit_with_parent(parent: int) -> None:
     A killed parent would otherwise leave its child running: the stage in
     progress goes on to its end as an orphan, holding its memory (a killed
     cae run's ResNet50 comparison held 10 GB, and the rerun beside it was
-    killed for memory).
+    killed for memory). On Linux the kernel sends SIGKILL when the parent
+    dies (``prctl(PR_SET_PDEATHSIG)``): a thread that watches the parent
+    cannot run while TensorFlow holds the interpreter lock, which an orphaned
+    CAE generation did for minutes. Elsewhere that thread is the fallback.
     """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # gone before the request
+            os._exit(1)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -124,12 +124,12 @@ def test_a_model_the_child_cannot_read_trains_here(digits, tmp_path, monkeypatch
     assert fits == [1] and not result.from_cache
 
 
-def _sleep_and_say(path: str) -> None:
+def _busy_and_say(path: str) -> None:
+    """Say this pid, then compute for minutes without letting go of the interpreter lock (as
+    TensorFlow does while it traces a large graph)."""
     with open(path, "w") as handle:
         handle.write(str(os.getpid()))
-    import time
-
-    time.sleep(120)
+    sum(range(10**12))
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
@@ -143,8 +143,8 @@ def test_a_child_process_ends_when_its_parent_is_killed(tmp_path):
     said = tmp_path / "pid"
     script = (
         "from models.isolation import run_elsewhere, set_trainings_per_process\n"
-        "from tests.models.test_isolation import _sleep_and_say\n"
-        f"set_trainings_per_process(1)\nrun_elsewhere(_sleep_and_say, {str(said)!r})\n"
+        "from tests.models.test_isolation import _busy_and_say\n"
+        f"set_trainings_per_process(1)\nrun_elsewhere(_busy_and_say, {str(said)!r})\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=root)
