@@ -351,9 +351,9 @@ def pick_candidates(source: keras.Model, data, count: int, seed: int = 0) -> np.
     adversarial to the source if the source got its original right. (The
     report's code starts from training images; test images keep the
     candidates out of what every member was fitted on.) A source that gets
-    none right is an error, unless ``--max-steps`` cut its training short
-    (a run that only proves the code path: ImageNet32's 100 classes at 2
-    steps): then every test image is a candidate.
+    none right is an error, unless ``--max-steps`` is set (a run that only
+    proves the code path, its trainings cut short: ImageNet32's 100 classes
+    at 2 steps got none right): then every test image is a candidate.
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise UserError(f"the number of candidates must be a positive integer, got {count!r}")

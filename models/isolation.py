@@ -161,7 +161,7 @@ def run_elsewhere(function, *args):
         return function(*args)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker,
-                             initargs=_output()) as pool:  # fmt: skip
+                             initargs=_worker_args()) as pool:  # fmt: skip
         try:
             return pool.submit(_call, function, args, _limits()).result()
         except BrokenProcessPool:
@@ -241,25 +241,24 @@ def _pool() -> ProcessPoolExecutor:
             mp_context=multiprocessing.get_context("spawn"),
             max_tasks_per_child=_STATE["every"] or 1,
             initializer=_start_worker,
-            initargs=_output(),
+            initargs=_worker_args(),
         )
     return _STATE["pool"]
 
 
-def _output() -> tuple[bool, bool]:
-    """(log lines shown, Keras' interactive progress on) in this process, for a child's."""
-    return logging.getLogger().isEnabledFor(
-        logging.INFO
-    ), keras.config.is_interactive_logging_enabled()
+def _worker_args() -> tuple[bool, bool, int]:
+    """(log lines shown, Keras' interactive progress on, this process's id), for a child."""
+    shown = logging.getLogger().isEnabledFor(logging.INFO)
+    return shown, keras.config.is_interactive_logging_enabled(), os.getpid()
 
 
-def _start_worker(verbose: bool, interactive: bool) -> None:
+def _start_worker(verbose: bool, interactive: bool, parent: int) -> None:
     """A child's output as its parent's: log lines on stderr only if shown there, no stdout;
-    and the child ends with its parent."""
+    and the child ends with its parent (``parent``: its id, as the parent saw it, so a
+    parent killed while the child was still starting is noticed too)."""
     from models.cli import configure_logging
 
-    _exit_with_parent(os.getppid())
-
+    _exit_with_parent(parent)
     configure_logging(verbose, "%(asctime)s [child process] %(name)s: %(message)s")
     if not interactive:
         keras.config.disable_interactive_logging()
@@ -275,6 +274,12 @@ def _exit_with_parent(parent: int) -> None:
     dies (``prctl(PR_SET_PDEATHSIG)``): a thread that watches the parent
     cannot run while TensorFlow holds the interpreter lock, which an orphaned
     CAE generation did for minutes. Elsewhere that thread is the fallback.
+
+    The kernel's signal follows the *thread* that started the child: the
+    pools here start their workers from the thread that submits (the first)
+    and from the pool's own manager thread (the replacements), both of which
+    outlive the worker; a pool used from a short-lived thread would lose its
+    worker when that thread ends.
     """
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)

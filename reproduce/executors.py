@@ -136,7 +136,7 @@ def _run_ray(address: str | None, gpus: float) -> Callable[[list, Progress], lis
 
 def task_options(resources: dict, gpus: float) -> dict:
     """Ray's options of every task: ``gpus`` GPUs where the cluster has any, and a worker
-    replaced after :data:`TASKS_PER_WORKER` tasks.
+    replaced after :data:`TASKS_PER_WORKER` tasks (after each task with GPUs).
 
     A request for GPUs on a cluster without them would leave every task
     waiting for ever; the tasks then ask for none, and a line says so.
@@ -145,7 +145,9 @@ def task_options(resources: dict, gpus: float) -> dict:
         print(f"matrix: the Ray cluster has no GPU; the tasks run on CPUs (asked for {gpus:g} "
               "each)", file=sys.stdout)  # fmt: skip
         gpus = 0.0
-    return {"num_gpus": gpus, "max_calls": TASKS_PER_WORKER}
+    # Ray's own default for a task with GPUs is one task per worker (the GPU memory TensorFlow
+    # took goes back, and the next task may be given another GPU): kept
+    return {"num_gpus": gpus, "max_calls": 1 if gpus else TASKS_PER_WORKER}
 
 
 def _connect(ray, address: str | None) -> None:

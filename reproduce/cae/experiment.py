@@ -178,7 +178,7 @@ def _stage(name: str, experiment: Experiment, config: CaeRunConfig, data=None, s
 
 def _stage_file(name: str, experiment: Experiment, config: CaeRunConfig, data) -> Path:
     """Where a stage's result is kept: keyed by the stage, the experiment, the configuration,
-    the data's digest, ``--max-steps`` and the code that computes it."""
+    the data's digest, ``--max-steps`` and the code that computes it (:func:`_code_digest`)."""
     settings = {k: v for k, v in dataclasses.asdict(config).items()
                 if k not in ("experiments", "cache", "data_dir")}  # fmt: skip
     described = {"stage": name, "experiment": dataclasses.asdict(experiment),
@@ -190,17 +190,16 @@ def _stage_file(name: str, experiment: Experiment, config: CaeRunConfig, data) -
 
 @functools.cache
 def _code_digest() -> str:
-    """The source of the fingerprint units and of this reproduction, and the versions of the
-    libraries they run on: a change to any of them computes the stages afresh (the trained
-    models stay in the model cache, keyed by their own configuration)."""
+    """The source of the models package, the fingerprint units and this reproduction, and the
+    versions of the libraries they run on: a change to any of them computes the stages afresh
+    (the trained models stay in the model cache, keyed by their own configuration)."""
     import art
     import tensorflow as tf
 
     digest = hashlib.sha256(f"{keras.__version__} {tf.__version__} {art.__version__}".encode())
     root = Path(__file__).resolve().parents[2]
-    for path in sorted(
-        [*(root / "fingerprints").glob("*.py"), *Path(__file__).parent.glob("*.py")]
-    ):
+    folders = (root / "models", root / "fingerprints", Path(__file__).parent)
+    for path in sorted(path for folder in folders for path in folder.glob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

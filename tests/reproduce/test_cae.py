@@ -157,7 +157,7 @@ def test_child_processes_give_the_numbers_of_one_process(tmp_path, monkeypatch):
 
 def test_a_rerun_reads_finished_stages_back(tmp_path, monkeypatch):
     """A killed run resumes after its last finished stage: the rerun computes no stage again and
-    writes the same tables; another --max-steps (or data, config, code) computes afresh."""
+    writes the same tables; another --max-steps computes afresh."""
     from reproduce.cae import experiment
 
     monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / "cache"))

@@ -181,8 +181,9 @@ def test_ray_tasks_ask_for_the_presets_gpus_where_the_cluster_has_some(capsys):
 
     assert make_config("paper").gpus == 1.0 and make_config("quick").gpus == 0.0
     with_gpus = task_options({"CPU": 16.0, "GPU": 4.0}, 1.0)
-    assert with_gpus == {"num_gpus": 1.0, "max_calls": TASKS_PER_WORKER}
+    assert with_gpus == {"num_gpus": 1.0, "max_calls": 1}  # Ray's default with GPUs
     assert capsys.readouterr().out == ""
-    assert task_options({"CPU": 2.0}, 1.0)["num_gpus"] == 0.0  # else every task waits for ever
+    on_cpus = task_options({"CPU": 2.0}, 1.0)  # else every task waits for ever
+    assert on_cpus == {"num_gpus": 0.0, "max_calls": TASKS_PER_WORKER}
     assert "no GPU" in capsys.readouterr().out
-    assert task_options({"CPU": 2.0}, 0.0)["num_gpus"] == 0.0
+    assert task_options({"CPU": 2.0}, 0.0)["max_calls"] == TASKS_PER_WORKER
