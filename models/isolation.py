@@ -72,6 +72,11 @@ __all__ = [
     "trainings_per_process",
 ]
 
+#: trainings per process for many large models (the paper presets' --trainings-per-process, and
+#: the tasks per Ray worker): each ResNet50 training leaves about 0.5 GB in its process, so a
+#: process holds at most about 4 GB of it, and its start-up (about 5 s) is paid once per eight
+#: trainings of minutes to hours each
+TRAININGS_PER_PROCESS = 8
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _STATE: dict = {"every": None, "pool": None, "scratch": None}
 

@@ -34,14 +34,12 @@ from models.cli import (
     quiet_keras,
 )
 from models.errors import EXIT_USER_ERROR, UnknownNameError, UserError
+from models.isolation import TRAININGS_PER_PROCESS
 
 log = logging.getLogger("reproduce")
 
 PRESETS = ("smoke", "quick", "paper")
-# --trainings-per-process at the paper preset: each training of a ResNet50 leaves about 0.5 GB
-# in its process (models.isolation), so a worker holds at most about 4 GB of it, and its
-# start-up (about 5 s) is paid once per eight trainings of minutes to hours each
-PAPER_TRAININGS_PER_PROCESS = 8
+PAPER_TRAININGS_PER_PROCESS = TRAININGS_PER_PROCESS  # models.isolation says why
 # name -> (module, what it reproduces)
 PAPERS = {
     "models": ("reproduce.zoo", "the zoo's base models (foundation of every paper)"),

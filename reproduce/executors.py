@@ -18,17 +18,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from models.errors import UserError
+from models.isolation import TRAININGS_PER_PROCESS
 from reproduce.engine import Plan, cell_task, embed_task
 from reproduce.nulls import null_kinds, null_task
 
 __all__ = ["EXECUTORS", "check", "check_user_model", "run", "task_options"]
 
 EXECUTORS = ("local", "ray")
-# A Ray worker runs this many tasks and is then replaced: every training leaves memory behind in
-# its process (models.isolation measures it; 0.5 GB per ResNet50), so a long-lived worker that
-# trains a cell after another would grow without bound. The same number as the paper preset's
-# --trainings-per-process.
-TASKS_PER_WORKER = 8
+# A Ray worker runs this many tasks and is then replaced, for the memory every training leaves
+# in its process (models.isolation)
+TASKS_PER_WORKER = TRAININGS_PER_PROCESS
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
