@@ -109,6 +109,26 @@ def test_a_row_whose_embedding_failed_is_n_a_not_a_crash(tmp_path, monkeypatch, 
     assert "Embeddings that failed" in (out / "REPORT.md").read_text()
 
 
+def test_a_run_loads_its_data_once_per_process(tmp_path, monkeypatch):
+    """Every cell reloaded Fashion-MNIST and restored the base model: 3 s of a quick cell's 6."""
+    import models
+    from reproduce import engine
+
+    loads = []
+    real = models.load
+
+    def counted(*args, **kwargs):
+        loads.append(args[0])
+        return real(*args, **kwargs)
+
+    engine._data.cache_clear()
+    monkeypatch.setattr(models, "load", counted)
+    monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["matrix", "--preset", "smoke", "--schemes", "fragile", "--attacks", "identity,ftal"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert loads == ["digits"]  # one embedding, four null models and two cells share it
+
+
 def test_overwriting_with_a_scheme_that_keeps_the_weights_is_n_a():
     """The quick matrix counted fragile x overwrite (a no-op) as 'intact after a change' (M4)."""
     from reproduce.engine import _not_applicable, _unit
