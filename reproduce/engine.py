@@ -19,7 +19,8 @@ and a killed run resumes where it stopped:
 
 Each task writes its result (JSON; models as ``.keras``, keys as ``.npz``)
 under ``<cache>/matrix/<plan hash>/seed<k>/`` and returns it; a rerun reads
-it back. Training inside the tasks goes through :func:`models.train`, cached
+it back. The hash leaves the columns out, so a rerun with more columns
+runs only the new cells. Training inside the tasks goes through :func:`models.train`, cached
 as everywhere else.
 
 A column is an attack name with optional options over its preset:
@@ -111,7 +112,11 @@ class Plan:
         return cls(**values)
 
     def digest(self) -> str:
-        text = json.dumps({**self.as_dict(), "engine": ENGINE_VERSION}, sort_keys=True)
+        """The hash of everything but the columns: embeddings and nulls do not depend on them,
+        and a cell's file is named by its column, so a column added to a finished run runs
+        that column's cells and nothing else."""
+        values = {k: v for k, v in self.as_dict().items() if k != "columns"}
+        text = json.dumps({**values, "engine": ENGINE_VERSION}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def folder(self, seed: int) -> Path:

@@ -129,6 +129,26 @@ def test_a_run_loads_its_data_once_per_process(tmp_path, monkeypatch):
     assert loads == ["digits"]  # one embedding, four null models and two cells share it
 
 
+def test_a_column_added_to_a_finished_run_runs_only_its_cells(tmp_path, monkeypatch):
+    """The plan's hash named the columns, so one more column redid every embedding and null."""
+    from reproduce import engine, nulls
+
+    monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["matrix", "--preset", "smoke", "--schemes", "fragile", "--out", str(tmp_path / "a")]
+    assert main([*argv, "--attacks", "identity"]) == 0
+
+    def again(*args):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(engine, "_embed", again)
+    monkeypatch.setattr(nulls, "_null", again)
+    argv[-1] = str(tmp_path / "b")
+    assert main([*argv, "--attacks", "identity,magnitude_pruning:rate=0.5"]) == 0
+    frame = pd.read_csv(tmp_path / "b" / "matrix.csv")
+    assert list(frame["column"]) == ["identity", "magnitude_pruning:rate=0.5"]
+    assert list(frame["status"]) == ["ok", "ok"]
+
+
 def test_overwriting_with_a_scheme_that_keeps_the_weights_is_n_a():
     """The quick matrix counted fragile x overwrite (a no-op) as 'intact after a change' (M4)."""
     from reproduce.engine import _not_applicable, _unit
