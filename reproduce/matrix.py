@@ -56,9 +56,12 @@ PRESET_NOTES = {
     "paper": "CIFAR-10, ResNet20v1 with the CAE report's recipe, every unit at its paper preset, "
     "10 + 10 + 5 null models; for a GPU (or a Ray cluster).",
 }
+# KnockoffNets trains on the stolen model's probabilities, as Orekondy et al. do: with labels
+# and its random sampling, ART's KnockoffNets draws the same queries as CopycatCNN and trains on
+# the same one-hot answers (the quick matrix gave the two columns identical cells in all 7 rows)
 ART_COLUMNS = (
     "art:CopycatCNN",
-    "art:KnockoffNets",
+    "art:KnockoffNets:use_probability=True",
     "art:JpegCompression",
     "art:FeatureSqueezing",
     "art:SpatialSmoothing",

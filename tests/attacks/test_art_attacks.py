@@ -11,6 +11,7 @@ from models import classifier
 from models.errors import UnknownNameError, UserError
 from models.suspect import QueryModel
 from models.training import TrainConfig
+from tests.conftest import weights_equal
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,24 @@ def test_extraction_trains_a_fresh_thief_that_learns_the_victim(victim, adversar
         classifier.labels(removal.model, digits.x_test) == classifier.labels(victim, digits.x_test)
     )
     assert agreement > 0.5
+
+
+def test_knockoff_nets_on_labels_is_copycat_cnn_so_the_matrix_gives_it_probabilities(
+    victim, adversary
+):
+    """The quick matrix's two extraction columns were identical in every row."""
+    from reproduce.engine import column_unit
+    from reproduce.matrix import ART_COLUMNS
+
+    def thief(name, **options):
+        return attacks.get(name).from_preset("smoke", **options).remove(victim, adversary).model
+
+    copycat = thief("art:CopycatCNN")
+    assert weights_equal(thief("art:KnockoffNets"), copycat)
+    (column,) = [c for c in ART_COLUMNS if c.startswith("art:KnockoffNets")]
+    name, options = column_unit(column)
+    assert options == {"use_probability": True}
+    assert not weights_equal(thief(name, **options), copycat)
 
 
 def test_strip_refuses_some_queries_and_refusals_never_match(victim, adversary, digits):
