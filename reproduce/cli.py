@@ -39,7 +39,6 @@ from models.isolation import TRAININGS_PER_PROCESS
 log = logging.getLogger("reproduce")
 
 PRESETS = ("smoke", "quick", "paper")
-PAPER_TRAININGS_PER_PROCESS = TRAININGS_PER_PROCESS  # models.isolation says why
 # name -> (module, what it reproduces)
 PAPERS = {
     "models": ("reproduce.zoo", "the zoo's base models (foundation of every paper)"),
@@ -208,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_negative_int,
         help="train every model in a child process, a fresh one after N trainings, so the "
         "memory TensorFlow keeps per training is given back (0: in this process; default: "
-        f"{PAPER_TRAININGS_PER_PROCESS} at the paper preset, 0 otherwise)",
+        f"{TRAININGS_PER_PROCESS} at the paper preset, 0 otherwise)",
     )
     parser.add_argument(
         "--jobs",
@@ -380,7 +379,7 @@ def _limits(args: argparse.Namespace) -> None:
     set_devices(args.devices)
     every = args.trainings_per_process
     if every is None:
-        every = PAPER_TRAININGS_PER_PROCESS if args.preset == "paper" else 0
+        every = TRAININGS_PER_PROCESS if args.preset == "paper" else 0
     set_trainings_per_process(every)
 
 

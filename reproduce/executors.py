@@ -25,9 +25,6 @@ from reproduce.nulls import null_kinds, null_task
 __all__ = ["EXECUTORS", "check", "check_user_model", "run", "task_options"]
 
 EXECUTORS = ("local", "ray")
-# A Ray worker runs this many tasks and is then replaced, for the memory every training leaves
-# in its process (models.isolation)
-TASKS_PER_WORKER = TRAININGS_PER_PROCESS
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -135,7 +132,8 @@ def _run_ray(address: str | None, gpus: float) -> Callable[[list, Progress], lis
 
 def task_options(resources: dict, gpus: float) -> dict:
     """Ray's options of every task: ``gpus`` GPUs where the cluster has any, and a worker
-    replaced after :data:`TASKS_PER_WORKER` tasks (after each task with GPUs).
+    replaced after :data:`models.isolation.TRAININGS_PER_PROCESS` tasks (after each task with
+    GPUs), for the memory every training leaves in its process.
 
     A request for GPUs on a cluster without them would leave every task
     waiting for ever; the tasks then ask for none, and a line says so.
@@ -146,7 +144,7 @@ def task_options(resources: dict, gpus: float) -> dict:
         gpus = 0.0
     # Ray's own default for a task with GPUs is one task per worker (the GPU memory TensorFlow
     # took goes back, and the next task may be given another GPU): kept
-    return {"num_gpus": gpus, "max_calls": 1 if gpus else TASKS_PER_WORKER}
+    return {"num_gpus": gpus, "max_calls": 1 if gpus else TRAININGS_PER_PROCESS}
 
 
 def _connect(ray, address: str | None) -> None:

@@ -74,14 +74,15 @@ def test_zero_trains_here():
 
 
 def test_the_paper_preset_trains_in_child_processes_by_default():
-    from reproduce.cli import PAPER_TRAININGS_PER_PROCESS, _limits
+    from models.isolation import TRAININGS_PER_PROCESS
+    from reproduce.cli import _limits
 
     def limits(preset, every=None):
         _limits(argparse.Namespace(preset=preset, max_steps=None, devices=None,
                                    trainings_per_process=every))  # fmt: skip
         return trainings_per_process()
 
-    assert limits("paper") == PAPER_TRAININGS_PER_PROCESS
+    assert limits("paper") == TRAININGS_PER_PROCESS
     assert limits("quick") is None
     assert limits("paper", 0) is None
     assert limits("quick", 3) == 3

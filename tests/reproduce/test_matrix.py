@@ -216,7 +216,8 @@ def test_the_matrix_verdict_is_judged_on_null_models_held_out_of_its_threshold()
 
 
 def test_ray_tasks_ask_for_the_presets_gpus_where_the_cluster_has_some(capsys):
-    from reproduce.executors import TASKS_PER_WORKER, task_options
+    from models.isolation import TRAININGS_PER_PROCESS
+    from reproduce.executors import task_options
     from reproduce.matrix import make_config
 
     assert make_config("paper").gpus == 1.0 and make_config("quick").gpus == 0.0
@@ -224,6 +225,6 @@ def test_ray_tasks_ask_for_the_presets_gpus_where_the_cluster_has_some(capsys):
     assert with_gpus == {"num_gpus": 1.0, "max_calls": 1}  # Ray's default with GPUs
     assert capsys.readouterr().out == ""
     on_cpus = task_options({"CPU": 2.0}, 1.0)  # else every task waits for ever
-    assert on_cpus == {"num_gpus": 0.0, "max_calls": TASKS_PER_WORKER}
+    assert on_cpus == {"num_gpus": 0.0, "max_calls": TRAININGS_PER_PROCESS}
     assert "no GPU" in capsys.readouterr().out
-    assert task_options({"CPU": 2.0}, 0.0)["max_calls"] == TASKS_PER_WORKER
+    assert task_options({"CPU": 2.0}, 0.0)["max_calls"] == TRAININGS_PER_PROCESS
