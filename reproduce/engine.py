@@ -50,7 +50,7 @@ from models.training import TrainConfig, default_cache_dir, deterministic, seed_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Plan", "cell_task", "column_unit", "embed_task"]
+__all__ = ["Plan", "base_task", "cell_task", "column_unit", "embed_task"]
 
 #: bump when a task's result changes shape or meaning: cached results of other versions are not read
 ENGINE_VERSION = 3  # 3: embeddings carry a status (a failed one makes n/a cells)
@@ -215,6 +215,12 @@ def _verification_row(result) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- tasks
+
+
+def base_task(plan_values: dict, seed: int) -> dict:
+    """Train (or restore) the base model of ``seed``, which every other task of ``seed`` loads."""
+    context(Plan.from_dict(plan_values), seed)
+    return {}
 
 
 def embed_task(plan_values: dict, seed: int, name: str) -> dict:
