@@ -47,6 +47,7 @@ from models import classifier
 from models.errors import EmbeddingFailed, UserError
 from models.io import cached_json
 from models.training import TrainConfig, default_cache_dir, deterministic, seed_everything
+from models.zoo import copy_model
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ __all__ = ["Plan", "base_task", "cell_task", "column_unit", "embed_task"]
 
 #: bump when a task's result changes shape or meaning: cached results of other versions are not read
 ENGINE_VERSION = 3  # 3: embeddings carry a status (a failed one makes n/a cells)
+#: bump when a cell's result changes (its cached results are not read; embeddings and nulls are)
+CELL_VERSION = 2  # 2: RTLL/RTAL cells also verify with the owner's output layer put back
 #: columns that only transform or filter queries: the weights are untouched
 QUERY_LEVEL = ("preprocessor", "postprocessor", "poisoning_defence")
 #: the status (and verdict) of a cell whose attack does not apply to its row
@@ -314,7 +317,7 @@ def column_unit(column: str) -> tuple[str, dict[str, Any]]:
 def cell_task(plan_values: dict, seed: int, name: str, column: str) -> dict:
     """Attack ``column`` on the model marked with ``name``, and its verification after; cached."""
     plan = Plan.from_dict(plan_values)
-    slug = hashlib.sha256(column.encode()).hexdigest()[:10]
+    slug = hashlib.sha256(f"{column}\n{CELL_VERSION}".encode()).hexdigest()[:10]
     path = plan.folder(seed) / "cells" / name / f"{slug}.json"
     return cached_json(path, lambda: _cell(plan, seed, name, column))
 
@@ -355,7 +358,30 @@ def _cell(plan: Plan, seed: int, name: str, column: str) -> dict:
         "seconds": removal.info["seconds"],
         "test_accuracy_after": accuracy,
         **{f"{k}_after": v for k, v in _verification_row(after).items()},
+        **_with_owner_head(unit, secret, model, removal),
     }
+
+
+def _with_owner_head(unit, secret, marked, removal) -> dict:
+    """Adi et al.'s verification after RTLL/RTAL: the owner's output layer put back.
+
+    Their released code (``fine-tune.py`` of adiyoss/WatermarkNN) swaps the
+    original last layer back in to test the trigger set after every epoch of
+    RTLL/RTAL, and plugs the adversary's back to train on: the output layer
+    is part of the owner's secret there, and the verifier needs the suspect's
+    weights. The cell's own verdict stays the black-box one (the model as
+    the adversary deploys it); this one is reported beside it
+    (``*_owner_head``) and is what M5 compares with Adi et al.'s RTAL rows.
+    Empty for attacks that re-initialise no layer.
+    """
+    names = removal.info.get("reinitialised") or []
+    if not names:
+        return {}
+    restored = copy_model(removal.model)
+    for name in names:
+        restored.get_layer(name).set_weights(marked.get_layer(name).get_weights())
+    result = unit.verify(restored, secret)
+    return {f"{k}_owner_head": v for k, v in _verification_row(result).items()}
 
 
 def _not_applicable(plan: Plan, unit, name: str, attack_name: str, options: dict) -> str | None:

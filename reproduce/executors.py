@@ -14,10 +14,11 @@ how to install it.
 Each Ray task takes one CPU (Ray's default) and TensorFlow in its worker
 uses that many threads (``TF_NUM_INTRAOP_THREADS``, ``TF_NUM_INTEROP_THREADS``),
 as Ray itself sets ``OMP_NUM_THREADS``: TensorFlow otherwise starts one
-thread per core in every worker. Measured here (2 cores, LeNet5, 3 epochs on
-6,000 Fashion-MNIST images): one training alone 2.1 s; two side by side
-with TensorFlow's default threads 3.1 and 4.1 s; two side by side with one
-thread each 2.3 and 2.5 s.
+thread per core in every worker. Measured here (2 cores, two processes side
+by side, wall time of the pair): two LeNet5 trainings (3 epochs, 6,000
+Fashion-MNIST images) 4.1 s with TensorFlow's default threads, 2.5 s with
+one thread each; two quick matrix rows' Neural Cleanse, FTAL and
+distillation cells (``adi``, ``bilevel``) 68.0 s and 65.7 s.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,20 +70,40 @@ def check_user_model(plan: Plan) -> None:
 
 
 class Progress:
-    """Prints 'done of total' with an estimate of the time left, on stdout."""
+    """Prints tasks done of total, with an estimate of the time left, on stdout.
 
-    def __init__(self, total: int, what: str):
-        self.total, self.what, self.done, self.start = total, what, 0, time.perf_counter()
+    The estimate adds up, per kind of task (base model, embedding, cell,
+    null model), the mean time its finished tasks took times the number of
+    its tasks left, shared among ``workers``; a kind with none finished yet
+    counts at the mean of all finished tasks. (Elapsed time over tasks done,
+    the earlier estimate, said 288 min left 13 min into a quick matrix that
+    took 51 min in all, its embeddings taking minutes and its cells
+    seconds; and it said 0 after a run of cached tasks.)
+    """
 
-    def step(self, label: str) -> None:
+    def __init__(self, jobs: list, workers: int = 1):
+        self.total, self.done, self.workers = len(jobs), 0, max(1, workers)
+        self.left = Counter(job.kind for job in jobs)
+        self.took: dict[str, list[float]] = {kind: [] for kind in self.left}
+        self.start = time.perf_counter()
+
+    def step(self, job, seconds: float) -> float:
+        """``job`` finished after running ``seconds``: print, and return the seconds left."""
         self.done += 1
+        self.left[job.kind] -= 1
+        self.took[job.kind].append(seconds)
+        every = [t for times in self.took.values() for t in times]
+        mean = {
+            kind: sum(t) / len(t) if t else sum(every) / len(every) for kind, t in self.took.items()
+        }
+        left = sum(mean[kind] * n for kind, n in self.left.items()) / self.workers
         elapsed = time.perf_counter() - self.start
-        left = elapsed / self.done * (self.total - self.done)
         print(
-            f"matrix: {self.what} {self.done}/{self.total} ({label}); "
+            f"matrix: tasks {self.done}/{self.total} ({job.label}); "
             f"{elapsed / 60:.1f} min so far, about {left / 60:.1f} min left",
             flush=True,
         )
+        return left
 
 
 @dataclass(frozen=True)
@@ -136,44 +158,58 @@ def run(
     jobs = _jobs(plan, seeds)
     runner = _run_ray(address, gpus) if executor == "ray" else _run_local
     results: dict[str, list] = {"embed": [], "null": [], "cell": []}
-    for job, result in zip(jobs, runner(jobs, Progress(len(jobs), "tasks")), strict=True):
+    for job, result in zip(jobs, runner(jobs), strict=True):
         if job.kind in results:
             results[job.kind].append({**result, "seed": job.args[1]})
     return results
 
 
-def _run_local(jobs: list[Job], progress: Progress) -> list:
-    out = []
+def _run_local(jobs: list[Job]) -> list:
+    progress, out = Progress(jobs), []
     for job in jobs:
-        out.append(job.function(*job.args))
-        progress.step(job.label)
+        result, seconds = _timed(job.function, job.args)
+        out.append(result)
+        progress.step(job, seconds)
     return out
 
 
-def _after(function: Callable, args: tuple, *_needed) -> dict:
-    """``function(*args)``; Ray starts it once ``_needed`` (results of other tasks) are there."""
-    return function(*args)
+def _timed(function: Callable, args: tuple, *_needed) -> tuple[dict, float]:
+    """``(function(*args), seconds it took)``; Ray starts it once ``_needed`` (results of
+    other tasks) are there."""
+    start = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - start
 
 
-def _run_ray(address: str | None, gpus: float) -> Callable[[list, Progress], list]:
+def _run_ray(address: str | None, gpus: float) -> Callable[[list], list]:
     import ray
 
-    def runner(jobs: list[Job], progress: Progress) -> list:
+    def runner(jobs: list[Job]) -> list:
         _connect(ray, address)
-        task = ray.remote(**task_options(ray.cluster_resources(), gpus))(_after)
+        resources = ray.cluster_resources()
+        options = task_options(resources, gpus)
+        task = ray.remote(**options)(_timed)
         refs: list = []
         for job in jobs:
             refs.append(task.remote(job.function, job.args, *(refs[i] for i in job.after)))
+        progress = Progress(jobs, _workers(resources, options))
         pending = {ref: index for index, ref in enumerate(refs)}
         out: list = [None] * len(jobs)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(ready[0])
-            out[index] = ray.get(ready[0])
-            progress.step(jobs[index].label)
+            out[index], seconds = ray.get(ready[0])
+            progress.step(jobs[index], seconds)
         return out
 
     return runner
+
+
+def _workers(resources: dict, options: dict) -> int:
+    """How many tasks with ``options`` the cluster runs at once (for the estimate)."""
+    if options["num_gpus"]:
+        return int(resources.get("GPU", 0) // options["num_gpus"])
+    return int(resources.get("CPU", 1) // options["num_cpus"])
 
 
 def task_options(resources: dict, gpus: float) -> dict:

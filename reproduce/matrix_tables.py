@@ -165,6 +165,15 @@ def _matrix(cells: list[dict], embeds, nulls, rates) -> pd.DataFrame:
             "verdict_before": embed["label"],
             "verdict_after": _verdict(cell, embed["kind"], after, decision),
             "scheme_verdict_after": cell.get("label_after", ""),
+            # RTLL/RTAL only: Adi et al.'s verification, the owner's output layer put back
+            "statistic_owner_head": float(cell.get("statistic_owner_head", math.nan)),
+            "verdict_owner_head": _verdict(
+                cell,
+                embed["kind"],
+                float(cell.get("statistic_owner_head", math.nan)),
+                decision,
+                "owner_head",
+            ),
             "test_accuracy_before": embed["test_accuracy"],
             "test_accuracy_after": cell.get("test_accuracy_after", math.nan),
             "seconds": cell.get("seconds", math.nan),
@@ -174,15 +183,18 @@ def _matrix(cells: list[dict], embeds, nulls, rates) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _verdict(cell: dict, kind: str, statistic: float, threshold: float) -> str:
+def _verdict(cell: dict, kind: str, statistic: float, threshold: float, of: str = "after") -> str:
+    """The verdict on the verification ``of`` (``after``, or ``owner_head``: "" where none)."""
     if cell["status"] == NOT_APPLICABLE:
         return NOT_APPLICABLE
     if cell["status"] == "broken":
         return "absent (model broken)" if kind != "fragile" else "modified (model broken)"
+    if f"label_{of}" not in cell:
+        return ""
     if kind == "fragile":
-        return cell["label_after"]
-    raised = threshold > float(cell["threshold_after"]) + 1e-12  # the measured null decides
-    positive = bool(cell["positive_after"]) and (not raised or statistic > threshold)
+        return cell[f"label_{of}"]
+    raised = threshold > float(cell[f"threshold_{of}"]) + 1e-12  # the measured null decides
+    positive = bool(cell[f"positive_{of}"]) and (not raised or statistic > threshold)
     return "present" if positive else "absent"
 
 
@@ -259,14 +271,17 @@ def _majority(verdicts: pd.Series) -> str:
 
 # --------------------------------------------------------------------------- claims
 
-#: (claim metric, unit, column, the verdict the paper reproductions found here)
+#: (claim metric, unit, column, the verdict the papers found, the verdict compared): Adi et
+#: al. verify after RTAL with their output layer put back (``verdict_owner_head``, see
+#: :func:`reproduce.engine._with_owner_head`); the black-box verdict is a reported row
 DIRECTIONS = (
-    ("laundering.zhang_content", "zhang_content", "laundering", "absent"),
-    ("laundering.zhang_noise", "zhang_noise", "laundering", "absent"),
-    ("ftal.zhang_content", "zhang_content", "ftal", "present"),
-    ("ftal.bilevel", "bilevel", "ftal", "present"),
-    ("rtal.adi", "adi", "rtal", "present"),
-    ("malicious_fine_tune.fragile", "fragile", "malicious_fine_tune", "modified"),
+    ("laundering.zhang_content", "zhang_content", "laundering", "absent", "verdict_after"),
+    ("laundering.zhang_noise", "zhang_noise", "laundering", "absent", "verdict_after"),
+    ("ftal.zhang_content", "zhang_content", "ftal", "present", "verdict_after"),
+    ("ftal.bilevel", "bilevel", "ftal", "present", "verdict_after"),
+    ("rtal.adi", "adi", "rtal", "present", "verdict_owner_head"),
+    ("rtal.adi.black_box", "adi", "rtal", "present", "verdict_after"),
+    ("malicious_fine_tune.fragile", "fragile", "malicious_fine_tune", "modified", "verdict_after"),
 )
 
 
@@ -297,9 +312,9 @@ def claims(out: Run, plan, frames: dict, config) -> None:
         "fragile_intact_after_change",
         int((changed["verdict_after"] == "intact").sum()) if len(changed) else None,
     )
-    for metric, unit, column, expected in DIRECTIONS:
+    for metric, unit, column, expected, verdict in DIRECTIONS:
         cell = matrix[(matrix["unit"] == unit) & (matrix["column"] == column)]
-        agree = float((cell["verdict_after"] == expected).mean()) if len(cell) else None
+        agree = float((cell[verdict] == expected).mean()) if len(cell) else None
         out.measure(f"direction.{metric}", agree)
     seeds = len(config.seeds)
     out.measure("cells_with_interval", _with_interval(matrix) if seeds > 1 else None)
@@ -315,6 +330,14 @@ def _with_interval(matrix: pd.DataFrame) -> int:
     return int(table["ci95_low"].notna().sum() + (table["status"] == NOT_APPLICABLE).sum())
 
 
+_OWNER_HEAD = (
+    "Adi et al.'s released fine-tune.py tests the trigger set after re-training the output "
+    "layer with the original output layer put back (it is part of the owner's secret there). "
+    "The matrix's verdict is the one on the model as the adversary deploys it; this one, at "
+    "the same decision threshold, is what M5 compares with their RTAL rows.\n\n"
+)
+
+
 def _sections(out: Run, frames: dict) -> None:
     rates = frames["null_rates"]
     contradicted = rates[rates["contradicts_assumed_null"]]
@@ -327,6 +350,13 @@ def _sections(out: Run, frames: dict) -> None:
             for r in contradicted.itertuples()
         )
     out.section("Where the measured null contradicts the assumed one", text)
+    matrix = frames["matrix"]
+    heads = matrix[matrix["statistic_owner_head"].notna()]
+    if len(heads):
+        out.section("RTLL and RTAL verified as Adi et al. verify", _OWNER_HEAD + "\n".join(
+            f"- `{r.unit}` x `{r.column}` (seed {r.seed}): {r.verdict_after} as deployed "
+            f"({r.statistic_after:.3f}), {r.verdict_owner_head} with the owner's output layer "
+            f"({r.statistic_owner_head:.3f})" for r in heads.itertuples()))  # fmt: skip
     failed = frames["embeddings"][frames["embeddings"]["status"] != "ok"]
     if len(failed):
         out.section("Embeddings that failed (their rows are n/a)", "\n".join(

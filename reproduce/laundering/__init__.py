@@ -11,6 +11,12 @@ values as a variant row) and compares with Zhang et al.'s 90% pruning,
 fine-pruning and Adi et al.'s RTAL. Table 2's published values and the
 claims are data in ``published/laundering.csv``. The attacker never reads a
 key: keys only score the models (hooks).
+
+The ``Adi et al. (RTAL)`` row scores the model as the adversary deploys it,
+with its re-trained output layer. Adi et al.'s own RTAL numbers (which the
+paper quotes) were measured otherwise: their released ``fine-tune.py`` puts
+the original output layer back to test the trigger set. ``reproduce
+matrix`` reports both verifications of its RTLL/RTAL cells.
 """
 
 from reproduce.laundering.config import PRESET_NOTES, TITLE, make_config, plan

@@ -262,7 +262,7 @@ def test_each_task_waits_for_exactly_the_tasks_it_needs():
 
 
 def test_ray_workers_run_tensorflow_on_the_tasks_cpus(monkeypatch):
-    """One thread per one-CPU task (two side by side ran 1.7 times sooner than with the default)."""
+    """One thread per one-CPU task (two trainings side by side: 2.5 s against 4.1 s by default)."""
     import types
 
     from reproduce.executors import CPUS_PER_TASK, _connect, task_options
@@ -280,3 +280,72 @@ def test_ray_workers_run_tensorflow_on_the_tasks_cpus(monkeypatch):
     assert env["TF_NUM_INTRAOP_THREADS"] == str(CPUS_PER_TASK)
     assert env["TF_NUM_INTEROP_THREADS"] == "3"
     assert task_options({"CPU": 2.0}, 0.0)["num_cpus"] == CPUS_PER_TASK
+
+
+def test_rtal_cells_are_also_verified_with_the_owners_output_layer_put_back():
+    """Adi et al.'s fine-tune.py tests the trigger set with the original last layer."""
+    import types
+
+    import numpy as np
+
+    import models
+    from attacks.base import Removal
+    from models.zoo import copy_model
+    from reproduce.engine import _with_owner_head
+
+    marked = models.build("_tiny_cnn", (8, 8, 1), 10)
+    attacked = copy_model(marked)
+    attacked.set_weights([w + 1.0 for w in attacked.get_weights()])
+    seen = []
+
+    class Unit:
+        def verify(self, model, secret):
+            seen.append(model)
+            return types.SimpleNamespace(
+                statistic=0.5, threshold=0.1, p_value=0.01, positive=True, label="present"
+            )
+
+    row = _with_owner_head(Unit(), None, marked, Removal(attacked, {"reinitialised": ["logits"]}))
+    assert row["statistic_owner_head"] == 0.5 and row["label_owner_head"] == "present"
+    verified = seen[0]
+    for layer in verified.layers:
+        source = marked if layer.name == "logits" else attacked
+        theirs = source.get_layer(layer.name).get_weights()
+        for mine, their in zip(layer.get_weights(), theirs, strict=True):
+            np.testing.assert_array_equal(mine, their)
+    np.testing.assert_array_equal(  # the attacked model itself keeps the adversary's layer
+        attacked.get_layer("logits").get_weights()[0],
+        marked.get_layer("logits").get_weights()[0] + 1.0,
+    )
+    assert _with_owner_head(Unit(), None, marked, Removal(attacked, {"reinitialised": []})) == {}
+
+
+def test_the_owner_head_verdict_is_decided_like_the_black_box_one():
+    from reproduce.matrix_tables import _verdict
+
+    cell = {
+        "status": "ok",
+        "threshold_after": 0.1,
+        "positive_after": False,
+        "label_after": "absent",
+    }
+    assert _verdict(cell, "robust", 0.05, 0.1, "owner_head") == ""  # no such verification
+    cell |= {"threshold_owner_head": 0.1, "positive_owner_head": True, "label_owner_head": "x"}
+    assert _verdict(cell, "robust", 0.5, 0.1, "owner_head") == "present"
+    assert _verdict(cell, "robust", 0.2, 0.3, "owner_head") == "absent"  # the null raised it
+    assert _verdict(cell, "robust", 0.05, 0.1, "after") == "absent"
+
+
+def test_the_time_left_is_estimated_per_kind_of_task(capsys):
+    """Minutes-long embeddings and seconds-long cells: each kind at its own mean."""
+    from reproduce.executors import Job, Progress
+
+    jobs = [Job(kind, print, (), kind) for kind in ("embed", "embed", "cell", "cell", "cell")]
+    progress = Progress(jobs, workers=1)
+    assert progress.step(jobs[0], 60.0) == pytest.approx(60 + 3 * 60)  # cells: the mean so far
+    assert progress.step(jobs[2], 2.0) == pytest.approx(60 + 2 * 2)
+    assert "tasks 2/5 (cell)" in capsys.readouterr().out.splitlines()[-1]
+    two = Progress(jobs, workers=2)
+    two.step(jobs[0], 60.0)
+    assert two.step(jobs[2], 2.0) == pytest.approx((60 + 2 * 2) / 2)
+    assert two.step(jobs[1], 0.0) == pytest.approx(2 * 2 / 2)  # a cached task: the mean drops
