@@ -11,14 +11,17 @@ once every key of its seed is there. Scheduling is Ray's, never ours. Ray
 is optional: without it ``--executor ray`` is a one-line error that says
 how to install it.
 
-Each Ray task takes one CPU (Ray's default) and TensorFlow in its worker
-uses that many threads (``TF_NUM_INTRAOP_THREADS``, ``TF_NUM_INTEROP_THREADS``),
-as Ray itself sets ``OMP_NUM_THREADS``: TensorFlow otherwise starts one
-thread per core in every worker. Measured here (2 cores, two processes side
-by side, wall time of the pair): two LeNet5 trainings (3 epochs, 6,000
-Fashion-MNIST images) 4.1 s with TensorFlow's default threads, 2.5 s with
-one thread each; two quick matrix rows' Neural Cleanse, FTAL and
-distillation cells (``adi``, ``bilevel``) 68.0 s and 65.7 s.
+Each Ray task takes one CPU (Ray's default) and TensorFlow in it keeps its
+default threads, as in ``local``: the same threads give the same numbers
+(one LeNet5 epoch gives other weights with one thread than with two), and
+pinning one thread per task did not pay here. Measured on 2 cores, quiet:
+the quick matrix's attacks alone through Ray took 19.4 min with one thread
+per task against 14.6 min with the default ones (the same cells at 59ef176); two quick
+rows' Neural Cleanse, FTAL and distillation cells side by side 65.7 s
+against 68.0 s. ``TF_NUM_INTRAOP_THREADS`` and ``TF_NUM_INTEROP_THREADS``
+set where the run starts reach the workers (a node with many cores and as
+many one-CPU tasks may want 1), at the price of numbers that differ from a
+run with other threads.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ __all__ = ["EXECUTORS", "check", "check_user_model", "run", "task_options"]
 
 EXECUTORS = ("local", "ray")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: CPUs each Ray task asks for, and the threads TensorFlow uses in it
+#: CPUs each Ray task asks for (Ray's default)
 CPUS_PER_TASK = 1
+#: TensorFlow's thread settings, passed to the workers where set (see the module docstring)
+_THREADS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 
 
 def check(executor: str, address: str | None) -> None:
@@ -240,11 +245,8 @@ def _connect(ray, address: str | None) -> None:
     env = {
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
         "TF_CPP_MIN_LOG_LEVEL": "2",
-        # TensorFlow's threads: the task's CPUs (see the module docstring), unless set already
-        "TF_NUM_INTRAOP_THREADS": os.environ.get("TF_NUM_INTRAOP_THREADS", str(CPUS_PER_TASK)),
-        "TF_NUM_INTEROP_THREADS": os.environ.get("TF_NUM_INTEROP_THREADS", str(CPUS_PER_TASK)),
     }
-    for name in ("WMSUITE_CACHE_DIR", "XDG_CACHE_HOME", "TFDS_DATA_DIR"):
+    for name in ("WMSUITE_CACHE_DIR", "XDG_CACHE_HOME", "TFDS_DATA_DIR", *_THREADS):
         if os.environ.get(name):
             env[name] = os.environ[name]
     try:
