@@ -43,6 +43,8 @@ __all__ = ["EXECUTORS", "check", "check_user_model", "run", "task_options"]
 
 EXECUTORS = ("local", "ray")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: a task that took less read its result from the cache (a quick cell takes a second or more)
+CACHED_SECONDS = 0.5
 #: CPUs each Ray task asks for (Ray's default)
 CPUS_PER_TASK = 1
 #: TensorFlow's thread settings, passed to the workers where set (see the module docstring)
@@ -80,10 +82,11 @@ class Progress:
     The estimate adds up, per kind of task (base model, embedding, cell,
     null model), the mean time its finished tasks took times the number of
     its tasks left, shared among ``workers``; a kind with none finished yet
-    counts at the mean of all finished tasks. (Elapsed time over tasks done,
-    the earlier estimate, said 288 min left 13 min into a quick matrix that
-    took 51 min in all, its embeddings taking minutes and its cells
-    seconds; and it said 0 after a run of cached tasks.)
+    counts at the mean of all finished tasks. Tasks that took under
+    :data:`CACHED_SECONDS` read their result from the cache and count in no
+    mean. (Elapsed time over tasks done, the earlier estimate, said 288 min
+    left 13 min into a quick matrix that took 51 min in all, its embeddings
+    taking minutes and its cells seconds; and 0 after a run of cached tasks.)
     """
 
     def __init__(self, jobs: list, workers: int = 1):
@@ -92,20 +95,25 @@ class Progress:
         self.took: dict[str, list[float]] = {kind: [] for kind in self.left}
         self.start = time.perf_counter()
 
-    def step(self, job, seconds: float) -> float:
-        """``job`` finished after running ``seconds``: print, and return the seconds left."""
+    def step(self, job, seconds: float) -> float | None:
+        """``job`` finished after ``seconds``: print, and return the seconds left (None: no
+        estimate before a task that was not cached)."""
         self.done += 1
         self.left[job.kind] -= 1
-        self.took[job.kind].append(seconds)
+        if seconds >= CACHED_SECONDS:
+            self.took[job.kind].append(seconds)
         every = [t for times in self.took.values() for t in times]
-        mean = {
-            kind: sum(t) / len(t) if t else sum(every) / len(every) for kind, t in self.took.items()
-        }
-        left = sum(mean[kind] * n for kind, n in self.left.items()) / self.workers
+        left = None
+        if every:
+            mean = {
+                k: sum(t) / len(t) if t else sum(every) / len(every) for k, t in self.took.items()
+            }
+            left = sum(mean[kind] * n for kind, n in self.left.items()) / self.workers
+        estimate = f"about {left / 60:.1f} min left" if left is not None else "no estimate yet"
         elapsed = time.perf_counter() - self.start
         print(
             f"matrix: tasks {self.done}/{self.total} ({job.label}); "
-            f"{elapsed / 60:.1f} min so far, about {left / 60:.1f} min left",
+            f"{elapsed / 60:.1f} min so far, {estimate}",
             flush=True,
         )
         return left

@@ -348,4 +348,8 @@ def test_the_time_left_is_estimated_per_kind_of_task(capsys):
     two = Progress(jobs, workers=2)
     two.step(jobs[0], 60.0)
     assert two.step(jobs[2], 2.0) == pytest.approx((60 + 2 * 2) / 2)
-    assert two.step(jobs[1], 0.0) == pytest.approx(2 * 2 / 2)  # a cached task: the mean drops
+    assert two.step(jobs[1], 0.01) == pytest.approx(2 * 2 / 2)  # cached: no mean changes
+    cached = Progress(jobs)
+    assert cached.step(jobs[2], 0.01) is None  # nothing but cached tasks: no estimate
+    assert "no estimate yet" in capsys.readouterr().out.splitlines()[-1]
+    assert cached.step(jobs[3], 3.0) == pytest.approx(3.0 * 3)  # 1 cell and 2 embeddings left
