@@ -163,17 +163,11 @@ def _matrix(cells: list[dict], embeds, nulls, rates) -> pd.DataFrame:
             "p_value_after": cell.get("p_value_after", math.nan),
             "empirical_p_after": _empirical_p(after, sample["statistic"].to_numpy(float)),
             "verdict_before": embed["label"],
-            "verdict_after": _verdict(cell, embed["kind"], after, decision),
+            "verdict_after": _verdict(cell, embed["kind"], decision),
             "scheme_verdict_after": cell.get("label_after", ""),
             # RTLL/RTAL only: Adi et al.'s verification, the owner's output layer put back
             "statistic_owner_head": float(cell.get("statistic_owner_head", math.nan)),
-            "verdict_owner_head": _verdict(
-                cell,
-                embed["kind"],
-                float(cell.get("statistic_owner_head", math.nan)),
-                decision,
-                "owner_head",
-            ),
+            "verdict_owner_head": _verdict(cell, embed["kind"], decision, "owner_head"),
             "test_accuracy_before": embed["test_accuracy"],
             "test_accuracy_after": cell.get("test_accuracy_after", math.nan),
             "seconds": cell.get("seconds", math.nan),
@@ -183,7 +177,7 @@ def _matrix(cells: list[dict], embeds, nulls, rates) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _verdict(cell: dict, kind: str, statistic: float, threshold: float, of: str = "after") -> str:
+def _verdict(cell: dict, kind: str, threshold: float, of: str = "after") -> str:
     """The verdict on the verification ``of`` (``after``, or ``owner_head``: "" where none)."""
     if cell["status"] == NOT_APPLICABLE:
         return NOT_APPLICABLE
@@ -193,6 +187,7 @@ def _verdict(cell: dict, kind: str, statistic: float, threshold: float, of: str 
         return ""
     if kind == "fragile":
         return cell[f"label_{of}"]
+    statistic = float(cell[f"statistic_{of}"])
     raised = threshold > float(cell[f"threshold_{of}"]) + 1e-12  # the measured null decides
     positive = bool(cell[f"positive_{of}"]) and (not raised or statistic > threshold)
     return "present" if positive else "absent"

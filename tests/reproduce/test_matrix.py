@@ -323,17 +323,15 @@ def test_rtal_cells_are_also_verified_with_the_owners_output_layer_put_back():
 def test_the_owner_head_verdict_is_decided_like_the_black_box_one():
     from reproduce.matrix_tables import _verdict
 
-    cell = {
-        "status": "ok",
-        "threshold_after": 0.1,
-        "positive_after": False,
-        "label_after": "absent",
-    }
-    assert _verdict(cell, "robust", 0.05, 0.1, "owner_head") == ""  # no such verification
-    cell |= {"threshold_owner_head": 0.1, "positive_owner_head": True, "label_owner_head": "x"}
-    assert _verdict(cell, "robust", 0.5, 0.1, "owner_head") == "present"
-    assert _verdict(cell, "robust", 0.2, 0.3, "owner_head") == "absent"  # the null raised it
-    assert _verdict(cell, "robust", 0.05, 0.1, "after") == "absent"
+    cell = {"status": "ok", "statistic_after": 0.05, "threshold_after": 0.1}
+    cell |= {"positive_after": False, "label_after": "absent"}
+    assert _verdict(cell, "robust", 0.1, "owner_head") == ""  # no such verification
+    cell |= {"statistic_owner_head": 0.5, "threshold_owner_head": 0.1}
+    cell |= {"positive_owner_head": True, "label_owner_head": "x"}
+    assert _verdict(cell, "robust", 0.1, "owner_head") == "present"
+    cell["statistic_owner_head"] = 0.2
+    assert _verdict(cell, "robust", 0.3, "owner_head") == "absent"  # the null raised it
+    assert _verdict(cell, "robust", 0.1, "after") == "absent"
 
 
 def test_the_time_left_is_estimated_per_kind_of_task(capsys):
