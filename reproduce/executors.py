@@ -6,8 +6,10 @@ same loop over the same jobs: ``local`` calls them in order; ``ray`` submits
 each as a Ray task on a running cluster (``address``) or on a local Ray
 instance, passing it the results of the jobs it needs (``Job.after``) so
 that Ray starts it when they are done: the base model first, then every
-embedding; each cell as soon as its row's embedding is done, each null model
-once every key of its seed is there. Scheduling is Ray's, never ours. Ray
+embedding; each cell as soon as its row's embedding is done (and the
+``neural_cleanse`` cell after its row's ``laundering`` cell, whose first
+round of Neural Cleanse it reads from the cache), each null model once
+every key of its seed is there. Scheduling is Ray's, never ours. Ray
 is optional: without it ``--executor ray`` is a one-line error that says
 how to install it.
 
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from models.errors import UserError
 from models.isolation import TRAININGS_PER_PROCESS
-from reproduce.engine import Plan, base_task, cell_task, embed_task
+from reproduce.engine import Plan, base_task, cell_task, embed_task, reused
 from reproduce.nulls import null_kinds, null_task
 
 __all__ = ["EXECUTORS", "check", "check_user_model", "run", "task_options"]
@@ -135,7 +137,9 @@ def _jobs(plan: Plan, seeds: Iterable[int]) -> list[Job]:
 
     Per seed: the base model; the embeddings, fingerprints first (the CAE
     row's families are the longest task, started first so that they do not
-    finish last); each row's cells; the null models, which score every key.
+    finish last); each row's cells, a cell that reads another's cached work
+    after it (:func:`reproduce.engine.reused`); the null models, which score
+    every key.
     """
     values = plan.as_dict()
     jobs: list[Job] = []
@@ -149,16 +153,25 @@ def _jobs(plan: Plan, seeds: Iterable[int]) -> list[Job]:
                 Job("embed", embed_task, (values, seed, unit), f"seed {seed}, {unit}", (base,))
             )
         for unit in plan.units:
-            for column in plan.columns:
+            row: dict[str, int] = {}
+            for column in _in_order(plan.columns):
                 label = f"seed {seed}, {unit} x {column}"
                 args = (values, seed, unit, column)
-                jobs.append(Job("cell", cell_task, args, label, (embedded[unit],)))
+                after = (embedded[unit], *(row[c] for c in reused(column, plan.columns)))
+                row[column] = len(jobs)
+                jobs.append(Job("cell", cell_task, args, label, after))
         for index, kind in enumerate(null_kinds(plan)):
             label = f"seed {seed}, {kind} null"
             jobs.append(
                 Job("null", null_task, (values, seed, index), label, tuple(embedded.values()))
             )
     return jobs
+
+
+def _in_order(columns: tuple[str, ...]) -> list[str]:
+    """``columns``, those whose work another column reads first (:data:`engine.REUSES`)."""
+    needed = {c for column in columns for c in reused(column, columns)}
+    return sorted(columns, key=lambda column: column not in needed)
 
 
 def run(
@@ -174,6 +187,8 @@ def run(
     for job, result in zip(jobs, runner(jobs), strict=True):
         if job.kind in results:
             results[job.kind].append({**result, "seed": job.args[1]})
+    row, column = plan.units.index, plan.columns.index  # the plan's order, not the jobs'
+    results["cell"].sort(key=lambda r: (r["seed"], row(r["unit"]), column(r["column"])))
     return results
 
 

@@ -149,6 +149,48 @@ def test_a_column_added_to_a_finished_run_runs_only_its_cells(tmp_path, monkeypa
     assert list(frame["status"]) == ["ok", "ok"]
 
 
+@pytest.mark.parametrize("preset", ["smoke", "quick", "paper"])
+def test_every_random_choice_of_a_cells_attack_follows_the_cells_seed(preset):
+    """Nested configurations kept seed 0 at every seed: pruning's fine-tuning, Neural Cleanse."""
+    import attacks
+    from reproduce.engine import _attack
+    from reproduce.matrix import make_config
+
+    plan = make_config(preset).plan
+
+    def made(name, seed, options=None):
+        return _attack(attacks.get(name), plan, dict(options or {}), seed)
+
+    for seed in (0, 3):
+        laundering = made("laundering", seed)
+        cleanse = made("neural_cleanse", seed)
+        assert cleanse.config.detection == laundering.detection_config(1)  # one Neural Cleanse
+        assert cleanse.config.fine_tune.seed == laundering.config.seed + 1 == seed + 8
+        assert made("fine_pruning", seed).config.fine_tune.seed == seed + 8
+    assert made("ftal", 3, {"seed": 1}).config.seed == 1  # the column's own options win
+
+
+def test_the_neural_cleanse_column_reads_the_laundering_columns_first_round(tmp_path, monkeypatch):
+    """Both columns reverse-engineered the same triggers on the same model: a third of a row."""
+    from attacks import neural_cleanse
+
+    runs = []
+    real = neural_cleanse._optimise
+
+    def counted(*args, **kwargs):
+        runs.append(args[4])  # the number of classes
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(neural_cleanse, "_optimise", counted)
+    monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["matrix", "--preset", "smoke", "--schemes", "zhang_noise", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--attacks", "neural_cleanse,laundering"]) == 0
+    assert len(runs) == 1
+    frame = pd.read_csv(tmp_path / "o" / "matrix.csv")
+    assert list(frame["column"]) == ["neural_cleanse", "laundering"]  # the table keeps the order
+    assert set(frame["status"]) == {"ok"}
+
+
 def test_overwriting_with_a_scheme_that_keeps_the_weights_is_n_a():
     """The quick matrix counted fragile x overwrite (a no-op) as 'intact after a change' (M4)."""
     from reproduce.engine import _not_applicable, _unit
@@ -231,11 +273,13 @@ def test_ray_tasks_ask_for_the_presets_gpus_where_the_cluster_has_some(capsys):
 
 
 def test_each_task_waits_for_exactly_the_tasks_it_needs():
-    """Ray starts a cell when its row's embedding is done, not when every embedding is."""
+    """Ray starts a cell when its row's embedding is done, not when every embedding is; the
+    neural_cleanse cell also waits for its row's laundering cell (it reads its Neural Cleanse)."""
     from reproduce.executors import _jobs
     from reproduce.matrix import make_config
 
-    plan = make_config("smoke", seeds=2, schemes="zhang_noise,bilevel,cae").plan
+    columns = "identity,neural_cleanse,ftal,laundering"
+    plan = make_config("smoke", seeds=2, schemes="zhang_noise,bilevel,cae", attacks=columns).plan
     jobs = _jobs(plan, (0, 1))
     index = {(job.kind, *job.args[1:]): i for i, job in enumerate(jobs)}
     for i, job in enumerate(jobs):
@@ -245,7 +289,10 @@ def test_each_task_waits_for_exactly_the_tasks_it_needs():
         if job.kind == "embed":
             assert job.after == (index[("base", seed)],)
         elif job.kind == "cell":
-            assert job.after == (index[("embed", seed, job.args[2])],)
+            unit, column = job.args[2:]
+            laundering = (index[("cell", seed, unit, "laundering")],)
+            extra = laundering if column == "neural_cleanse" else ()
+            assert job.after == (index[("embed", seed, unit)], *extra)
         elif job.kind == "null":
             embeds = {jobs[j].args[2] for j in job.after}
             assert set(needs) == {"embed"} and embeds == set(plan.units)
