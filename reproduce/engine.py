@@ -19,8 +19,9 @@ and a killed run resumes where it stopped:
 
 Each task writes its result (JSON; models as ``.keras``, keys as ``.npz``)
 under ``<cache>/matrix/<plan hash>/seed<k>/`` and returns it; a rerun reads
-it back. The hash leaves the columns out, so a rerun with more columns
-runs only the new cells. Training inside the tasks goes through :func:`models.train`, cached
+it back. The hash leaves the rows and columns out, so a rerun with more
+of them runs only their tasks (a new row's embedding and cells, and its
+scores on the cached null models). Training inside the tasks goes through :func:`models.train`, cached
 as everywhere else.
 
 A column is an attack name with optional options over its preset:
@@ -70,6 +71,10 @@ QUERY_LEVEL = ("preprocessor", "postprocessor", "poisoning_defence")
 NOT_APPLICABLE = "not applicable"
 #: an embedding (generation) its own verifier did not accept: its row's cells are n/a
 FAILED = "embedding failed"
+
+
+#: the plan's fields that only say which rows and columns run (left out of its hash)
+_PER_ROW = ("schemes", "fingerprints", "columns")
 
 
 @dataclass(frozen=True)
@@ -122,10 +127,11 @@ class Plan:
         return cls(**values)
 
     def digest(self) -> str:
-        """The hash of everything but the columns: embeddings and nulls do not depend on them,
-        and a cell's file is named by its column, so a column added to a finished run runs
-        that column's cells and nothing else."""
-        values = {k: v for k, v in self.as_dict().items() if k != "columns"}
+        """The hash of everything but the rows and columns: an embedding is a folder of its
+        row's, a cell a file of its row's named by its column, and a null model's scores
+        are completed for rows it has not scored (:func:`reproduce.nulls.null_task`); so a
+        row or a column added to a finished run runs its own tasks and nothing else."""
+        values = {k: v for k, v in self.as_dict().items() if k not in _PER_ROW}
         text = json.dumps({**values, "engine": ENGINE_VERSION}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 

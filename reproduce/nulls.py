@@ -10,10 +10,11 @@ unit's evidence on it, cached like the engine's other tasks
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import models
 from models import classifier
-from models.io import cached_json
+from models.io import cached_json, write_text
 from models.training import TrainConfig, seed_everything
 from reproduce.engine import (
     Context,
@@ -33,13 +34,28 @@ def null_kinds(plan: Plan) -> list[str]:
 
 
 def null_task(plan_values: dict, seed: int, index: int) -> dict:
-    """Null model ``index``, scored against every unit's key of ``seed``; cached."""
+    """Null model ``index``, scored against every unit's key of ``seed``; cached.
+
+    The cached scores are per unit: a unit the cache has not scored yet (a
+    row added to a finished run) is scored on the null model restored from
+    the training cache and added to them; units of other runs are left out
+    of the result.
+    """
     plan = Plan.from_dict(plan_values)
     path = plan.folder(seed) / "nulls" / f"{index:03d}.json"
-    return cached_json(path, lambda: _null(plan, seed, index))
+    wanted = [name for name in plan.units if failure(plan, seed, name) is None]
+    done = cached_json(path, lambda: _null(plan, seed, index, wanted))
+    scored = {row["unit"] for row in done["rows"]}
+    missing = [name for name in wanted if name not in scored]
+    if missing:
+        more = _null(plan, seed, index, missing)
+        write_text(path, json.dumps({**done, "rows": done["rows"] + more["rows"]}, indent=1))
+        done = json.loads(path.read_text())
+    return {**done, "rows": [row for row in done["rows"] if row["unit"] in wanted]}
 
 
-def _null(plan: Plan, seed: int, index: int) -> dict:
+def _null(plan: Plan, seed: int, index: int, units: list[str]) -> dict:
+    """Train (or restore) null model ``index`` and verify the evidence of ``units`` on it."""
     ctx = context(plan, seed)
     kind = null_kinds(plan)[index]
     null_seed = 1000 * (seed + 1) + index
@@ -52,9 +68,7 @@ def _null(plan: Plan, seed: int, index: int) -> dict:
     else:
         model = _surrogate(ctx, plan, null_seed)
     rows = []
-    for name in plan.units:
-        if failure(plan, seed, name) is not None:
-            continue
+    for name in units:
         secret = _load_secret(plan, plan.folder(seed), name)
         result = _unit(plan, name, seed).verify(model, secret)
         rows.append({"unit": name, **_verification_row(result)})

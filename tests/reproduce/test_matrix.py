@@ -191,6 +191,32 @@ def test_the_neural_cleanse_column_reads_the_laundering_columns_first_round(tmp_
     assert set(frame["status"]) == {"ok"}
 
 
+def test_a_row_added_to_a_finished_run_trains_nothing_twice(tmp_path, monkeypatch):
+    """The plan's hash named the rows, so one more row redid the base, every embedding and null."""
+    from models import training
+
+    trained: list[list[str]] = []
+    real = training._Job.fit
+
+    def counted(self, *args, **kwargs):
+        trained[-1].append(self.key)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(training._Job, "fit", counted)
+    monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["matrix", "--preset", "smoke", "--attacks", "identity"]
+    for rows in ("fragile", "zhang_noise,fragile"):
+        trained.append([])
+        assert main([*argv, "--schemes", rows, "--out", str(tmp_path / rows)]) == 0
+    assert trained[0] and not set(trained[0]) & set(trained[1])
+    nulls = pd.read_csv(tmp_path / "zhang_noise,fragile" / "nulls.csv")
+    assert set(nulls["unit"]) == {"zhang_noise", "fragile"}
+    assert nulls.groupby("unit").size().nunique() == 1  # every null model scored both keys
+    again = pd.read_csv(tmp_path / "fragile" / "nulls.csv")
+    first = nulls[nulls["unit"] == "fragile"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(first, again, check_like=True)
+
+
 def test_overwriting_with_a_scheme_that_keeps_the_weights_is_n_a():
     """The quick matrix counted fragile x overwrite (a no-op) as 'intact after a change' (M4)."""
     from reproduce.engine import _not_applicable, _unit
@@ -266,10 +292,31 @@ def test_ray_tasks_ask_for_the_presets_gpus_where_the_cluster_has_some(capsys):
     with_gpus = task_options({"CPU": 16.0, "GPU": 4.0}, 1.0)
     assert with_gpus == {"num_cpus": 1, "num_gpus": 1.0, "max_calls": 1}  # Ray's default
     assert capsys.readouterr().out == ""
-    on_cpus = task_options({"CPU": 2.0}, 1.0)  # else every task waits for ever
+    on_cpus = task_options({"CPU": 2.0}, 1.0, TRAININGS_PER_PROCESS)  # else tasks wait for ever
     assert on_cpus == {"num_cpus": 1, "num_gpus": 0.0, "max_calls": TRAININGS_PER_PROCESS}
     assert "no GPU" in capsys.readouterr().out
-    assert task_options({"CPU": 2.0}, 0.0)["max_calls"] == TRAININGS_PER_PROCESS
+    assert task_options({"CPU": 2.0}, 0.0, None)["max_calls"] == 0  # Ray's "never replaced"
+
+
+def test_ray_workers_are_replaced_as_often_as_the_runs_training_processes(tmp_path, monkeypatch):
+    """Workers were replaced after 8 tasks at every preset: 23 new workers in a quick matrix."""
+    from models.isolation import TRAININGS_PER_PROCESS
+    from reproduce import cli, executors
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop(*args, **kwargs):
+        seen.append(executors.trainings_per_process())  # what task_options gets
+        raise Stop
+
+    monkeypatch.setattr(executors, "run", stop)
+    for preset in ("quick", "paper"):
+        with pytest.raises(Stop):
+            cli.main(["matrix", "--preset", preset, "--out", str(tmp_path / preset)])
+    assert seen == [None, TRAININGS_PER_PROCESS]
 
 
 def test_each_task_waits_for_exactly_the_tasks_it_needs():
