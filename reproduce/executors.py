@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.errors import UserError
-from models.isolation import trainings_per_process
+from models.isolation import TRAININGS_PER_PROCESS
 from reproduce.engine import Plan, base_task, cell_task, embed_task, reused
 from reproduce.nulls import null_kinds, null_task
 
@@ -215,7 +215,7 @@ def _run_ray(address: str | None, gpus: float) -> Callable[[list], list]:
     def runner(jobs: list[Job]) -> list:
         _connect(ray, address)
         resources = ray.cluster_resources()
-        options = task_options(resources, gpus, trainings_per_process())
+        options = task_options(resources, gpus)
         task = ray.remote(**options)(_timed)
         refs: list = []
         for job in jobs:
@@ -240,17 +240,15 @@ def _workers(resources: dict, options: dict) -> int:
     return int(resources.get("CPU", 1) // options["num_cpus"])
 
 
-def task_options(resources: dict, gpus: float, every: int | None = None) -> dict:
+def task_options(resources: dict, gpus: float) -> dict:
     """Ray's options of every task: ``gpus`` GPUs where the cluster has any, and a worker
-    replaced after ``every`` tasks (None or 0: never; after each task with GPUs), for the
-    memory every training leaves in its process.
+    replaced after :data:`models.isolation.TRAININGS_PER_PROCESS` tasks (after each task with
+    GPUs), for the memory every training leaves in its process.
 
-    ``every`` is the run's trainings per process (``--trainings-per-process``:
-    :data:`models.isolation.TRAININGS_PER_PROCESS` at the paper preset, else none): a
-    LeNet5 training leaves about 10 MB behind, a ResNet50 0.5 GB. Replacing a
-    worker costs a new process its imports, data and traced functions: the
-    quick attacks-only matrix took 18.5 min with workers replaced after 8
-    tasks (23 new workers of 7.7 s of imports each, before any data).
+    Replacing workers costs little here: the quick attacks-only matrix took
+    18.5 min with workers replaced after 8 tasks and 18.8 min with workers
+    never replaced (the same cells, one run each; 29.5 and 33.1 min of attack
+    time summed over the cells), on a quiet machine on 2026-12-01.
 
     A request for GPUs on a cluster without them would leave every task
     waiting for ever; the tasks then ask for none, and a line says so.
@@ -261,7 +259,11 @@ def task_options(resources: dict, gpus: float, every: int | None = None) -> dict
         gpus = 0.0
     # Ray's own default for a task with GPUs is one task per worker (the GPU memory TensorFlow
     # took goes back, and the next task may be given another GPU): kept
-    return {"num_cpus": CPUS_PER_TASK, "num_gpus": gpus, "max_calls": 1 if gpus else every or 0}
+    return {
+        "num_cpus": CPUS_PER_TASK,
+        "num_gpus": gpus,
+        "max_calls": 1 if gpus else TRAININGS_PER_PROCESS,
+    }
 
 
 def _connect(ray, address: str | None) -> None:

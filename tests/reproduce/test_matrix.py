@@ -292,31 +292,10 @@ def test_ray_tasks_ask_for_the_presets_gpus_where_the_cluster_has_some(capsys):
     with_gpus = task_options({"CPU": 16.0, "GPU": 4.0}, 1.0)
     assert with_gpus == {"num_cpus": 1, "num_gpus": 1.0, "max_calls": 1}  # Ray's default
     assert capsys.readouterr().out == ""
-    on_cpus = task_options({"CPU": 2.0}, 1.0, TRAININGS_PER_PROCESS)  # else tasks wait for ever
+    on_cpus = task_options({"CPU": 2.0}, 1.0)  # else every task waits for ever
     assert on_cpus == {"num_cpus": 1, "num_gpus": 0.0, "max_calls": TRAININGS_PER_PROCESS}
     assert "no GPU" in capsys.readouterr().out
-    assert task_options({"CPU": 2.0}, 0.0, None)["max_calls"] == 0  # Ray's "never replaced"
-
-
-def test_ray_workers_are_replaced_as_often_as_the_runs_training_processes(tmp_path, monkeypatch):
-    """Workers were replaced after 8 tasks at every preset: 23 new workers in a quick matrix."""
-    from models.isolation import TRAININGS_PER_PROCESS
-    from reproduce import cli, executors
-
-    class Stop(Exception):
-        pass
-
-    seen = []
-
-    def stop(*args, **kwargs):
-        seen.append(executors.trainings_per_process())  # what task_options gets
-        raise Stop
-
-    monkeypatch.setattr(executors, "run", stop)
-    for preset in ("quick", "paper"):
-        with pytest.raises(Stop):
-            cli.main(["matrix", "--preset", preset, "--out", str(tmp_path / preset)])
-    assert seen == [None, TRAININGS_PER_PROCESS]
+    assert task_options({"CPU": 2.0}, 0.0)["max_calls"] == TRAININGS_PER_PROCESS
 
 
 def test_each_task_waits_for_exactly_the_tasks_it_needs():
