@@ -21,8 +21,8 @@ Each task writes its result (JSON; models as ``.keras``, keys as ``.npz``)
 under ``<cache>/matrix/<plan hash>/seed<k>/`` and returns it; a rerun reads
 it back. The hash leaves the rows and columns out, so a rerun with more
 of them runs only their tasks (a new row's embedding and cells, and its
-scores on the cached null models). Training inside the tasks goes through :func:`models.train`, cached
-as everywhere else.
+scores on the cached null models). Training inside the tasks goes through
+:func:`models.train`, cached as everywhere else.
 
 A column is an attack name with optional options over its preset:
 ``magnitude_pruning:rate=0.5``, ``art:JpegCompression:params=quality=50``
@@ -74,7 +74,7 @@ FAILED = "embedding failed"
 
 
 #: the plan's fields that only say which rows and columns run (left out of its hash)
-_PER_ROW = ("schemes", "fingerprints", "columns")
+_SELECTION = ("schemes", "fingerprints", "columns")
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class Plan:
         row's, a cell a file of its row's named by its column, and a null model's scores
         are completed for rows it has not scored (:func:`reproduce.nulls.null_task`); so a
         row or a column added to a finished run runs its own tasks and nothing else."""
-        values = {k: v for k, v in self.as_dict().items() if k not in _PER_ROW}
+        values = {k: v for k, v in self.as_dict().items() if k not in _SELECTION}
         text = json.dumps({**values, "engine": ENGINE_VERSION}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
