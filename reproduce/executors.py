@@ -16,11 +16,13 @@ how to install it.
 Each Ray task takes one CPU (Ray's default) and TensorFlow in it keeps its
 default threads, as in ``local``: the same threads give the same numbers
 (one LeNet5 epoch gives other weights with one thread than with two), and
-pinning one thread per task did not pay here. Measured on 2 cores, quiet:
-the quick matrix's attacks alone through Ray took 19.4 min with one thread
-per task against 14.6 min with the default ones (the same cells at 59ef176); two quick
-rows' Neural Cleanse, FTAL and distillation cells side by side 65.7 s
-against 68.0 s. ``TF_NUM_INTRAOP_THREADS`` and ``TF_NUM_INTEROP_THREADS``
+one thread is not clearly faster here. Measured on 2 cores, quiet: two
+quick rows' Neural Cleanse, FTAL and distillation cells side by side took
+65.7 s with one thread each against 68.0 s; in one process, one row's
+distillation, FTAL and fine-pruning cells 12.4, 6.0 and 14.3 s against
+13.5, 6.6 and 17.2 s. (Whole quick attack reruns, 19.4 min pinned against
+14.6 min, are not comparable: the first retrained the base model.)
+``TF_NUM_INTRAOP_THREADS`` and ``TF_NUM_INTEROP_THREADS``
 set where the run starts reach the workers (a node with many cores and as
 many one-CPU tasks may want 1), at the price of numbers that differ from a
 run with other threads.
