@@ -24,7 +24,7 @@ offer (the zoo's models carry their own regularisers). That script tests the
 trigger set after RTLL/RTAL with the *original* output layer put back (the
 layer is part of the owner's secret there); the attacks return the model as
 the adversary deploys it, and the matrix reports both verifications
-(:func:`reproduce.engine._with_owner_head`).
+(:func:`reproduce.cells._with_owner_head`).
 
 Choice made here: ``epochs = 0`` is no attack at all (the copy is returned
 as it is, also for ``rtll``/``rtal``, which would otherwise re-initialise the

@@ -40,7 +40,8 @@ from pathlib import Path
 
 from models.errors import UserError
 from models.isolation import TRAININGS_PER_PROCESS
-from reproduce.engine import Plan, base_task, cell_task, embed_task, reused
+from reproduce.cells import cell_task, reused
+from reproduce.engine import Plan, base_task, embed_task
 from reproduce.nulls import null_kinds, null_task
 
 __all__ = ["EXECUTORS", "check", "check_user_model", "run", "task_options"]
@@ -140,7 +141,7 @@ def _jobs(plan: Plan, seeds: Iterable[int]) -> list[Job]:
     Per seed: the base model; the embeddings, fingerprints first (the CAE
     row's families are the longest task, started first so that they do not
     finish last); each row's cells, a cell that reads another's cached work
-    after it (:func:`reproduce.engine.reused`); the null models, which score
+    after it (:func:`reproduce.cells.reused`); the null models, which score
     every key.
     """
     values = plan.as_dict()
@@ -171,7 +172,7 @@ def _jobs(plan: Plan, seeds: Iterable[int]) -> list[Job]:
 
 
 def _in_order(columns: tuple[str, ...]) -> list[str]:
-    """``columns``, those whose work another column reads first (:data:`engine.REUSES`)."""
+    """``columns``, those whose work another column reads first (:data:`reproduce.cells.REUSES`)."""
     needed = {c for column in columns for c in reused(column, columns)}
     return sorted(columns, key=lambda column: column not in needed)
 

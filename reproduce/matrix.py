@@ -29,7 +29,8 @@ import models
 from models.errors import UserError
 from models.training import TrainConfig
 from reproduce import executors
-from reproduce.engine import Plan, column_unit
+from reproduce.cells import column_unit
+from reproduce.engine import Plan
 from reproduce.matrix_tables import claims, plot, summary, tables
 from reproduce.nulls import null_kinds
 from reproduce.report import Run

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from reproduce.engine import NOT_APPLICABLE
+from reproduce.cells import NOT_APPLICABLE
 from reproduce.report import Run, save_figure
 
 __all__ = ["claims", "plot", "summary", "tables"]
@@ -268,7 +268,7 @@ def _majority(verdicts: pd.Series) -> str:
 
 #: (claim metric, unit, column, the verdict the papers found, the verdict compared): Adi et
 #: al. verify after RTAL with their output layer put back (``verdict_owner_head``, see
-#: :func:`reproduce.engine._with_owner_head`); the black-box verdict is a reported row
+#: :func:`reproduce.cells._with_owner_head`); the black-box verdict is a reported row
 DIRECTIONS = (
     ("laundering.zhang_content", "zhang_content", "laundering", "absent", "verdict_after"),
     ("laundering.zhang_noise", "zhang_noise", "laundering", "absent", "verdict_after"),

@@ -71,7 +71,7 @@ def test_knockoff_nets_on_labels_is_copycat_cnn_so_the_matrix_gives_it_probabili
     victim, adversary
 ):
     """The quick matrix's two extraction columns were identical in every row."""
-    from reproduce.engine import column_unit
+    from reproduce.cells import column_unit
     from reproduce.matrix import ART_COLUMNS
 
     def thief(name, **options):

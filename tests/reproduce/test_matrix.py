@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from reproduce.cells import column_unit
 from reproduce.cli import main
-from reproduce.engine import column_unit
 
 #: what may differ between two runs of the same cells: wall time
 _TIMING = ("seconds",)
@@ -153,7 +153,7 @@ def test_a_column_added_to_a_finished_run_runs_only_its_cells(tmp_path, monkeypa
 def test_every_random_choice_of_a_cells_attack_follows_the_cells_seed(preset):
     """Nested configurations kept seed 0 at every seed: pruning's fine-tuning, Neural Cleanse."""
     import attacks
-    from reproduce.engine import _attack
+    from reproduce.cells import _attack
     from reproduce.matrix import make_config
 
     plan = make_config(preset).plan
@@ -219,7 +219,8 @@ def test_a_row_added_to_a_finished_run_trains_nothing_twice(tmp_path, monkeypatc
 
 def test_overwriting_with_a_scheme_that_keeps_the_weights_is_n_a():
     """The quick matrix counted fragile x overwrite (a no-op) as 'intact after a change' (M4)."""
-    from reproduce.engine import _not_applicable, _unit
+    from reproduce.cells import _not_applicable
+    from reproduce.engine import _unit
     from reproduce.matrix import make_config
 
     plan = make_config("smoke").plan
@@ -364,7 +365,7 @@ def test_rtal_cells_are_also_verified_with_the_owners_output_layer_put_back():
     import models
     from attacks.base import Removal
     from models.zoo import copy_model
-    from reproduce.engine import _with_owner_head
+    from reproduce.cells import _with_owner_head
 
     marked = models.build("_tiny_cnn", (8, 8, 1), 10)
     attacked = copy_model(marked)
