@@ -112,33 +112,56 @@ def magnitude_prune(model: keras.Model, rate: float) -> tuple[keras.Model, dict[
 
 
 class KeepMasks(keras.callbacks.Callback):
-    """Re-applies pruning masks after every training step, so pruned weights stay zero.
+    """Holds pruning masks through training, so pruned weights stay zero.
 
     ``masks`` maps a layer's path to its kernel's mask and ``"<path>/bias"`` to
     its bias's mask. A masked weight is zero before every step and reset to
     zero after it, so the optimizer's update of it is discarded: the masked
     optimisation of Han et al. and Liu et al., on top of any Keras optimizer.
+
+    The mask is each variable's Keras ``constraint`` for the duration of the
+    training (the previous one is put back at its end), which the optimizer
+    applies right after its update inside the compiled training step. An
+    eager ``assign`` after every batch did the same from Python: 2.3 ms a
+    step, a fifth of a quick laundering retraining (8.6 s of its 3,760 steps,
+    profiled), for the same weights.
     """
 
     def __init__(self, masks: dict[str, np.ndarray]):
         super().__init__()
         self.masks = masks
-        self._pairs = None
+        self._previous = []
 
     def on_train_begin(self, logs=None):
-        self._pairs = []
+        self._previous = []
+        for variable, mask in self._masked_variables():
+            mask = keras.ops.convert_to_tensor(mask, dtype=variable.dtype)
+            self._previous.append((variable, variable.constraint))
+            variable.constraint = _times(mask, variable.constraint)
+        # a training step traced before the masks were set would not apply them
+        self.model.make_train_function(force=True)
+
+    def on_train_end(self, logs=None):
+        for variable, constraint in self._previous:
+            variable.constraint = constraint
+        self._previous = []
+        self.model.make_train_function(force=True)
+
+    def _masked_variables(self):
         for layer in prunable_layers(self.model):
             path = _path(layer)
-            mask = self.masks.get(path)
-            if mask is not None:
-                self._pairs.append((_kernel(layer), keras.ops.convert_to_tensor(mask)))
+            if self.masks.get(path) is not None:
+                yield _kernel(layer), self.masks[path]
             bias_mask = self.masks.get(f"{path}/bias")
             if bias_mask is not None and getattr(layer, "bias", None) is not None:
-                self._pairs.append((layer.bias, keras.ops.convert_to_tensor(bias_mask)))
+                yield layer.bias, bias_mask
 
-    def on_train_batch_end(self, batch, logs=None):
-        for kernel, mask in self._pairs:
-            kernel.assign(kernel * mask)
+
+def _times(mask, constraint):
+    """The constraint ``constraint`` (or none) followed by multiplying by ``mask``."""
+    if constraint is None:
+        return lambda value: value * mask
+    return lambda value: constraint(value) * mask
 
 
 def _masked_fine_tune(model, data, config: FineTuneConfig, masks, tag: str, hooks) -> Removal:

@@ -10,8 +10,10 @@ from attacks.finetune import FineTuneConfig, last_layers, reinitialise
 from attacks.pruning import (
     FinePruning,
     FinePruningConfig,
+    KeepMasks,
     MagnitudePruning,
     PruningConfig,
+    apply_masks,
     magnitude_prune,
     prunable_layers,
 )
@@ -165,6 +167,22 @@ def test_pruned_weights_stay_zero_through_fine_tuning(trained, digits):
     assert curve[0] == pytest.approx(classifier.accuracy(pruned, digits.x_test, digits.y_test))
     info = removal.info
     assert info["pruned_weights"] == pytest.approx(0.6 * info["prunable_weights"], rel=0.01)
+
+
+def test_masks_hold_in_a_model_trained_before_and_are_lifted_after(trained, digits):
+    """The masks reach a training step traced earlier, and stop holding once the fit ends."""
+    model, masks = magnitude_prune(trained, 0.5)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # traces the step without the masks
+    apply_masks(model, masks)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[KeepMasks(masks)])
+    for layer in prunable_layers(model):
+        assert np.all(layer.get_weights()[0][masks[layer.path] == 0] == 0)
+        assert layer.kernel.constraint is None
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    for layer in prunable_layers(model):  # an unmasked fit moves them again
+        assert np.any(layer.get_weights()[0][masks[layer.path] == 0] != 0)
 
 
 def test_pruning_without_fine_tuning_measures_once(trained, digits):
