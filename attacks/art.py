@@ -19,7 +19,9 @@ demand and not listed by ``attacks.names()``:
 * ``STRIP`` (``art.defences.transformer.poisoning``; Gao et al. 2019): a
   query-filtering adversary calibrates STRIP's entropy threshold on its own
   clean images and refuses the queries STRIP flags as triggers; a refusal
-  never counts as the owner's label.
+  never counts as the owner's label. ART's class gives the name and the
+  parameters; the entropy test is Gao et al.'s, vectorised
+  (:mod:`attacks.strip` says why ART's own computation is not used).
 
 Parameters of the ART class are given as ``params="name=value,..."`` (Python
 literals), so they travel in configs and on command lines
@@ -37,9 +39,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from attacks import strip
 from attacks.base import Inapplicable, Removal, RemovalAttack, Requirements
 from models import classifier
-from models.art import art_class, extract, to_art
+from models.art import art_class, extract
 from models.config import option, validate
 from models.errors import UserError
 from models.suspect import QueryModel
@@ -172,18 +175,24 @@ class ArtAttack(RemovalAttack):
     def _filter(self, model, data):
         if self.art_cls.__name__ != "STRIP":
             raise Inapplicable(f"{self.name}: only STRIP filters queries; this defence retrains")
-        strip = self._make(to_art(model, clip_values=classifier.input_range(data)))()
+        params = strip.strip_parameters(self.art_cls, parse_params(self.config.params))
         clean = self._images(data)
-        seed_everything(self.config.seed)
-        strip.mitigate(clean)
+        entropy = functools.partial(
+            strip.normalised_entropy,
+            model,
+            background=clean,
+            num_samples=int(params["num_samples"]),
+            seed=self.config.seed,
+        )
+        threshold = strip.boundary(entropy(clean), float(params["false_acceptance_rate"]))
 
         def refuse(x):
-            answers = strip.predict(x)
-            return ~np.any(answers != 0, axis=1)  # STRIP abstains with an all-zero row
+            return entropy(x) <= threshold
 
         refused = float(np.mean(refuse(data.x_test[:200])))
         suspect = QueryModel(model, refuse=refuse, name=self.name)
-        return suspect, {"calibration_images": int(len(clean)), "clean_refusal_rate": refused}
+        info = {"calibration_images": int(len(clean)), "clean_refusal_rate": refused}
+        return suspect, {**info, "entropy_boundary": threshold}
 
 
 def _init_parameters(cls: type) -> set[str]:

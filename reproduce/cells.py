@@ -25,8 +25,9 @@ from reproduce.engine import Plan, _data, _load_secret, _unit, _verification_row
 
 __all__ = ["NOT_APPLICABLE", "cell_task", "column_unit", "reused"]
 
-#: bump when a cell's result changes (its cached results are not read; embeddings and nulls are)
-CELL_VERSION = 3  # 3: nested configurations seeded from the cell's seed (see _attack)
+#: bump when a cell's result changes (its cached results are not read; embeddings and nulls are);
+#: 3: nested configurations seeded from the cell's seed (see _attack); 4: STRIP with Gao et al.'s entropy
+CELL_VERSION = 4
 #: a cell's attack is seeded with the cell's seed plus this (its nested configurations one more)
 ATTACK_SEED = 7
 #: column -> the column of its row whose cached work it reads, so it runs after it: Neural

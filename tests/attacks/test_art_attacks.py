@@ -85,12 +85,63 @@ def test_knockoff_nets_on_labels_is_copycat_cnn_so_the_matrix_gives_it_probabili
     assert not weights_equal(thief(name, **options), copycat)
 
 
-def test_strip_refuses_some_queries_and_refusals_never_match(victim, adversary, digits):
-    removal = attacks.get("art:STRIP").from_preset("smoke", queries=100).remove(victim, adversary)
-    out = removal.model.predict(digits.x_test[:60])
-    refused = ~np.all(np.isfinite(out), axis=1)
-    assert 0.0 <= removal.info["clean_refusal_rate"] < 0.5
-    assert refused.sum() < len(out)  # it still answers clean queries
+def _trojaned(digits):
+    """Logistic regression on the digits, plus a trigger: class 0 wins when the top-left 2x2 corner is lit."""
+    import keras
+    from sklearn.linear_model import LogisticRegression
+
+    fitted = LogisticRegression(max_iter=1000).fit(
+        digits.x_train.reshape(len(digits.x_train), -1), digits.y_train
+    )
+    weights = fitted.coef_.T.astype(np.float32)
+    corner = [0, 1, 8, 9]  # the flattened corner, dark in every digit
+    weights[corner] = 0
+    weights[corner, 0] = 20
+    model = keras.Sequential(
+        [keras.Input(digits.input_shape), keras.layers.Flatten(), keras.layers.Dense(10)]
+    )
+    model.layers[-1].set_weights([weights, fitted.intercept_.astype(np.float32)])
+    return model
+
+
+def _with_trigger(x):
+    x = np.array(x)
+    x[:, :2, :2] = 1.0
+    return x
+
+
+def test_strip_entropy_is_gao_et_als_per_blend_entropy(digits):
+    from attacks.strip import normalised_entropy
+
+    model, x, background = _trojaned(digits), digits.x_test[:7], digits.x_train[:50]
+    got = normalised_entropy(model, x, background, num_samples=5, seed=3)
+    partners = np.random.default_rng(3).integers(0, 50, (7, 5))
+    for query, mine, value in zip(x, partners, got, strict=True):
+        p = classifier.probabilities(model, 0.5 * query + 0.5 * background[mine]).astype(np.float64)
+        assert value == pytest.approx(-np.nansum(p * np.log2(p)) / 5, rel=1e-5)
+    assert np.array_equal(got, normalised_entropy(model, x, background, num_samples=5, seed=3))
+
+
+def test_strip_refuses_trigger_queries_and_answers_clean_ones(digits):
+    """ART's own entropy (along the blends) ranks these the other way round and refuses no trigger."""
+    adversary = digits.subset(fraction=0.3, seed=2)
+    removal = (
+        attacks.get("art:STRIP")
+        .from_preset("smoke", queries=200)
+        .remove(_trojaned(digits), adversary)
+    )
+    clean = digits.x_test[:200]
+    refused = lambda x: ~np.all(np.isfinite(removal.model.predict(x)), axis=1)  # noqa: E731
+    assert refused(_with_trigger(clean)).mean() > 0.9
+    assert refused(clean).mean() < 0.1
+    assert removal.info["clean_refusal_rate"] == refused(clean).mean()
+
+
+def test_strip_takes_arts_parameters_and_refuses_others(victim, adversary):
+    few = attacks.get("art:STRIP").from_preset("smoke", queries=100, params="num_samples=3")
+    assert few.remove(victim, adversary).info["calibration_images"] == 100
+    with pytest.raises(UserError, match="bad parameters for art:STRIP: samples"):
+        attacks.get("art:STRIP").from_preset("smoke", params="samples=3").remove(victim, adversary)
 
 
 def test_distillation_student_learns_from_soft_labels(victim, adversary, digits):
