@@ -122,9 +122,10 @@ class KeepMasks(keras.callbacks.Callback):
     The mask is each variable's Keras ``constraint`` for the duration of the
     training (the previous one is put back at its end), which the optimizer
     applies right after its update inside the compiled training step. An
-    eager ``assign`` after every batch did the same from Python: 2.3 ms a
-    step, a fifth of a quick laundering retraining (8.6 s of its 3,760 steps,
-    profiled), for the same weights.
+    eager ``assign`` after every batch did the same from Python, for the same
+    weights bit for bit: 0.66 ms a step more (1.06 times the time of a LeNet5
+    fine-tuning at batch 32, ``bench/keep_masks.py``, quiet machine,
+    2026-12-01).
     """
 
     def __init__(self, masks: dict[str, np.ndarray]):
