@@ -25,10 +25,19 @@ OUTPUTS = (
 )
 
 
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One in-process smoke run, its cache and its outputs, for the tests that compare with it."""
+    folder = tmp_path_factory.mktemp("cae-smoke")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WMSUITE_CACHE_DIR", str(folder / "cache"))
+        assert main(["cae", "--preset", "smoke", "--out", str(folder / "out")]) == 0
+    return folder / "cache", folder / "out"
+
+
 @needs_fashion
-def test_smoke_preset_writes_every_output(tmp_path):
-    out = tmp_path / "cae"
-    assert main(["cae", "--preset", "smoke", "--out", str(out)]) == 0
+def test_smoke_preset_writes_every_output(smoke_run):
+    out = smoke_run[1]
     for name in OUTPUTS:
         assert (out / name).is_file(), name
     claims = pd.read_csv(out / "claims.csv")
@@ -140,30 +149,28 @@ def test_plan_says_whether_the_transfer_learning_weights_are_there(tmp_path, mon
     assert "starts from the ImageNet weights" in notes()[0]
 
 
-def test_child_processes_give_the_numbers_of_one_process(tmp_path, monkeypatch):
+def test_child_processes_give_the_numbers_of_one_process(smoke_run, tmp_path, monkeypatch):
     """--trainings-per-process: trainings, fingerprints and comparison in child processes."""
-    outs = {}
-    for every in (0, 2):
-        monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / f"cache{every}"))
-        outs[every] = tmp_path / f"out{every}"
-        argv = ["cae", "--preset", "smoke", "--trainings-per-process", str(every)]
-        assert main([*argv, "--out", str(outs[every])]) == 0
+    monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / "cache"))
+    away_out = tmp_path / "out"
+    argv = ["cae", "--preset", "smoke", "--trainings-per-process", "2"]
+    assert main([*argv, "--out", str(away_out)]) == 0
     timing = ["train_seconds", "from_cache", "seconds"]
     for name in ("table_models.csv", "table_caeacc.csv", "table_fig3.csv"):
-        here, away = (pd.read_csv(outs[k] / name) for k in (0, 2))
+        here, away = (pd.read_csv(folder / name) for folder in (smoke_run[1], away_out))
         here, away = (t.drop(columns=[c for c in timing if c in t]) for t in (here, away))
         pd.testing.assert_frame_equal(here, away, check_exact=False, rtol=1e-6)
 
 
-def test_a_rerun_reads_finished_stages_back(tmp_path, monkeypatch):
+def test_a_rerun_reads_finished_stages_back(smoke_run, tmp_path, monkeypatch):
     """A killed run resumes after its last finished stage: the rerun computes no stage again and
     writes the same tables; another --max-steps computes afresh."""
     from reproduce.cae import experiment
 
-    monkeypatch.setenv("WMSUITE_CACHE_DIR", str(tmp_path / "cache"))
+    cache, first = smoke_run
+    monkeypatch.setenv("WMSUITE_CACHE_DIR", str(cache))
     argv = ["cae", "--preset", "smoke", "--out"]
-    assert main([*argv, str(tmp_path / "first")]) == 0
-    assert len(list((tmp_path / "cache" / "cae_stages").glob("*.json"))) == 2
+    assert len(list((cache / "cae_stages").glob("*.json"))) == 2
 
     def computed(*args):
         raise AssertionError("a finished stage was computed again")
@@ -171,9 +178,10 @@ def test_a_rerun_reads_finished_stages_back(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "_STAGES", dict.fromkeys(experiment._STAGES, computed))
     assert main([*argv, str(tmp_path / "again")]) == 0
     for name in ("table_models.csv", "table_caeacc.csv", "table_fig2.csv", "table_fig3.csv"):
-        first, again = (pd.read_csv(tmp_path / d / name) for d in ("first", "again"))
-        pd.testing.assert_frame_equal(first, again)
+        pd.testing.assert_frame_equal(
+            pd.read_csv(first / name), pd.read_csv(tmp_path / "again" / name)
+        )
     assert "read back from an earlier run's cache" in (tmp_path / "again" / "REPORT.md").read_text()
-    assert "read back" not in (tmp_path / "first" / "REPORT.md").read_text()
+    assert "read back" not in (first / "REPORT.md").read_text()
     with pytest.raises(AssertionError, match="computed again"):
         main(["cae", "--preset", "smoke", "--max-steps", "3", "--out", str(tmp_path / "other")])
