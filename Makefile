@@ -8,7 +8,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.installed-test
 FASHION := /usr/share/datasets/fashion-mnist
-PYTEST_ARGS ?=
+# two test processes, each test file in one (its module fixtures run once); the
+# tests' small models leave a core idle, so two share 2 cores well
+PYTEST_ARGS ?= -n 2 --dist loadfile
 # papers at a time in `make reproduce` (reproduce all --jobs N)
 JOBS ?= 2
 
