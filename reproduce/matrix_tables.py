@@ -332,6 +332,15 @@ _OWNER_HEAD = (
     "the same decision threshold, is what M5 compares with their RTAL rows.\n\n"
 )
 
+_STRIP = (
+    "The query filter is STRIP with Gao et al.'s entropy (over the classes of every blend, "
+    "their Eq. 2-3 and released code), not ART 1.20.1's `STRIPMixin`, which takes it along "
+    "the blends and so ranks a trigger as less suspicious than a clean image "
+    "(`attacks/strip.py`, `bench/strip_vs_art.py`); ART's parameters, defaults, blend and "
+    "threshold rule are kept. A refused query counts as a miss, for the trigger statistic and "
+    "for the test accuracy alike.\n\n"
+)
+
 
 def _sections(out: Run, frames: dict) -> None:
     rates = frames["null_rates"]
@@ -352,6 +361,13 @@ def _sections(out: Run, frames: dict) -> None:
             f"- `{r.unit}` x `{r.column}` (seed {r.seed}): {r.verdict_after} as deployed "
             f"({r.statistic_after:.3f}), {r.verdict_owner_head} with the owner's output layer "
             f"({r.statistic_owner_head:.3f})" for r in heads.itertuples()))  # fmt: skip
+    strip = matrix[matrix["column"].str.startswith("art:STRIP") & (matrix["status"] == "ok")]
+    if len(strip):
+        out.section("STRIP as Gao et al. compute it", _STRIP + "\n".join(
+            f"- `{r.unit}` (seed {r.seed}): statistic {r.statistic_before:.3f} -> "
+            f"{r.statistic_after:.3f} ({r.verdict_after}), test accuracy "
+            f"{r.test_accuracy_before:.4f} -> {r.test_accuracy_after:.4f}"
+            for r in strip.itertuples()))  # fmt: skip
     failed = frames["embeddings"][frames["embeddings"]["status"] != "ok"]
     if len(failed):
         out.section("Embeddings that failed (their rows are n/a)", "\n".join(

@@ -424,3 +424,36 @@ def test_the_time_left_is_estimated_per_kind_of_task(capsys):
     assert cached.step(jobs[2], 0.01) is None  # nothing but cached tasks: no estimate
     assert "no estimate yet" in capsys.readouterr().out.splitlines()[-1]
     assert cached.step(jobs[3], 3.0) == pytest.approx(3.0 * 3)  # 1 cell and 2 embeddings left
+
+
+def test_the_report_says_strip_is_gao_et_als_and_what_it_refused_per_row():
+    from reproduce.matrix_tables import _sections
+
+    sections = {}
+
+    class Out:
+        def section(self, title, text):
+            sections[title] = text
+
+    row = {"seed": 0, "status": "ok", "statistic_owner_head": float("nan")}
+    matrix = pd.DataFrame(
+        [
+            {**row, "unit": "zhang_content", "column": "art:STRIP", "statistic_before": 0.963,
+             "statistic_after": 0.353, "verdict_after": "present", "test_accuracy_before": 0.898,
+             "test_accuracy_after": 0.8805},
+            {**row, "unit": "zhang_content", "column": "ftal", "statistic_before": 0.963,
+             "statistic_after": 0.9, "verdict_after": "present", "test_accuracy_before": 0.898,
+             "test_accuracy_after": 0.89},
+        ]
+    )  # fmt: skip
+    frames = {
+        "matrix": matrix,
+        "null_rates": pd.DataFrame({"contradicts_assumed_null": [False]}),
+        "embeddings": pd.DataFrame({"status": ["ok"]}),
+    }
+    _sections(Out(), frames)
+    text = sections["STRIP as Gao et al. compute it"]
+    assert (
+        "along the blends" in text and "`zhang_content` (seed 0): statistic 0.963 -> 0.353" in text
+    )
+    assert "ftal" not in text
