@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import counts_positive, load  # noqa: E402
 
 import models  # noqa: E402
 from attacks.pruning import KeepMasks, magnitude_prune, prunable_layers  # noqa: E402
@@ -71,14 +72,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if min(args.images, args.epochs, args.repeats) < 1:
-        print("bench: error: every count must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        data = models.load("fashion_mnist", max_train=args.images, seed=args.seed)
-    except models.UserError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 2
+    counts_positive(images=args.images, epochs=args.epochs, repeats=args.repeats)
+    data = load("fashion_mnist", max_train=args.images, seed=args.seed)
     models.seed_everything(args.seed)
     base = models.build("lenet5", data.input_shape, data.num_classes)
     pruned, masks = magnitude_prune(base, 0.5)

@@ -44,6 +44,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # ART's per-class progress bars
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+from _common import counts_positive, load  # noqa: E402
 
 import models  # noqa: E402
 from attacks.neural_cleanse import (  # noqa: E402
@@ -192,18 +193,10 @@ def main() -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if min(args.steps, args.n_clean, args.train_epochs, args.repeats) < 1:
-        print(
-            "bench: error: --steps, --n-clean, --train-epochs, --repeats must be >= 1",
-            file=sys.stderr,
-        )
-        return 2
-
-    try:
-        data = models.load("fashion_mnist", max_test=args.n_clean, seed=args.seed)
-    except models.UserError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 2
+    counts_positive(
+        steps=args.steps, n_clean=args.n_clean, train_epochs=args.train_epochs, repeats=args.repeats
+    )
+    data = load("fashion_mnist", max_test=args.n_clean, seed=args.seed)
     model, cached = watermarked_model(data, args.train_epochs, args.seed)
     full = models.load("fashion_mnist", max_train=100, seed=args.seed)
     others = full.y_test != TARGET

@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from _common import counts_positive, load  # noqa: E402
 from neural_cleanse_vs_art import TARGET, stamp, watermarked_model  # noqa: E402
 
-import models  # noqa: E402
 from attacks import strip  # noqa: E402
 from models.art import to_art  # noqa: E402
 
@@ -77,14 +77,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timings per side (2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if min(args.n_calibration, args.n_queries, args.train_epochs, args.repeats) < 1:
-        print("bench: error: every count must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        data = models.load("fashion_mnist", seed=args.seed)
-    except models.UserError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 2
+    counts_positive(
+        n_calibration=args.n_calibration,
+        n_queries=args.n_queries,
+        train_epochs=args.train_epochs,
+        repeats=args.repeats,
+    )
+    data = load("fashion_mnist", seed=args.seed)
     model, cached = watermarked_model(data, args.train_epochs, args.seed)
     calibration = data.x_train[: args.n_calibration]
     clean = data.x_test[data.y_test != TARGET][: args.n_queries]
