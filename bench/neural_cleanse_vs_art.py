@@ -179,7 +179,7 @@ def describe(name: str, norms: np.ndarray) -> tuple[float, bool]:
     return float(indices[TARGET]), flagged
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="epochs per class (20)")
     parser.add_argument("--n-clean", type=int, default=320, help="clean test images (320)")
@@ -196,9 +196,12 @@ def main() -> int:
     counts_positive(
         steps=args.steps, n_clean=args.n_clean, train_epochs=args.train_epochs, repeats=args.repeats
     )
-    data = load("fashion_mnist", max_test=args.n_clean, seed=args.seed)
-    model, cached = watermarked_model(data, args.train_epochs, args.seed)
-    full = models.load("fashion_mnist", max_train=100, seed=args.seed)
+    return args
+
+
+def describe_model(model, cached: bool, seed: int) -> None:
+    """The watermarked model's test and watermark accuracy on Fashion-MNIST's test split."""
+    full = models.load("fashion_mnist", max_train=100, seed=seed)
     others = full.y_test != TARGET
     test_acc = classifier.accuracy(model, full.x_test, full.y_test)
     wm_acc = classifier.accuracy(model, stamp(full.x_test[others]), np.full(others.sum(), TARGET))
@@ -207,49 +210,46 @@ def main() -> int:
         f"({'cached' if cached else 'trained'}): test accuracy {test_acc:.4f}, "
         f"watermark accuracy {wm_acc:.4f}"
     )
-    x, y = data.x_test, data.y_test
-    batches = len(x) // 32
-    print(
-        f"budget: {args.steps} epochs x {batches} mini-batches of 32 per class, "
-        f"{len(x)} clean test images, early stopping {'on' if args.early_stop else 'off'}"
-    )
 
-    # warm-up: TensorFlow's first-call costs (kernels, gradient registrations), paid once for both
-    run_ours(model, x, y, 1, args.early_stop, args.seed)
+
+def time_both(model, x, y, args) -> dict:
+    """A warm-up of each side, then ABBA repeats: per side its wall and CPU times and last norms."""
+    run_ours(model, x, y, 1, args.early_stop, args.seed)  # TensorFlow's first-call costs
     run_art(model, x, y, 1, args.early_stop, args.seed, args.art_as_shipped, classes=1)
-
-    ours_times, art_times, ours_cpu, art_cpu = [], [], [], []
-    ours_norms = art_norms = None
+    sides = {name: {"wall": [], "cpu": [], "norms": None} for name in ("ours", "art")}
     art_moved = True
     for repeat in range(args.repeats):  # ABBA: ours first on even repeats, ART first on odd ones
-        order = ("ours", "art") if repeat % 2 == 0 else ("art", "ours")
-        for side in order:
-            if side == "ours":
-                seconds, cpu, ours_norms = run_ours(
-                    model, x, y, args.steps, args.early_stop, args.seed
-                )
-                ours_times.append(seconds)
-                ours_cpu.append(cpu)
+        for name in ("ours", "art") if repeat % 2 == 0 else ("art", "ours"):
+            if name == "ours":
+                seconds, cpu, norms = run_ours(model, x, y, args.steps, args.early_stop, args.seed)
             else:
-                seconds, cpu, art_norms, art_moved = run_art(
+                seconds, cpu, norms, art_moved = run_art(
                     model, x, y, args.steps, args.early_stop, args.seed, args.art_as_shipped
                 )
-                art_times.append(seconds)
-                art_cpu.append(cpu)
+            side = sides[name]
+            side["wall"].append(seconds)
+            side["cpu"].append(cpu)
+            side["norms"] = norms
             print(
-                f"  repeat {repeat}: {side:>4} {seconds:7.1f} s wall, {cpu:7.1f} s CPU", flush=True
+                f"  repeat {repeat}: {name:>4} {seconds:7.1f} s wall, {cpu:7.1f} s CPU", flush=True
             )
+    sides["art"]["moved"] = art_moved
+    return sides
 
-    ours_s, art_s = float(np.median(ours_times)), float(np.median(art_times))
+
+def verdict(sides: dict) -> int:
+    """Print the medians, the ratios and whether each side flags the target; 0 if the bar holds."""
+    ours, art = sides["ours"], sides["art"]
+    ours_s, art_s = float(np.median(ours["wall"])), float(np.median(art["wall"]))
     ratio = art_s / ours_s
-    cpu_ratio = float(np.median(art_cpu) / np.median(ours_cpu))
-    print(f"ART KerasNeuralCleanse: {art_s:.1f} s (median of {len(art_times)})")
-    print(f"ours (batched):         {ours_s:.1f} s (median of {len(ours_times)})")
+    cpu_ratio = float(np.median(art["cpu"]) / np.median(ours["cpu"]))
+    print(f"ART KerasNeuralCleanse: {art_s:.1f} s (median of {len(art['wall'])})")
+    print(f"ours (batched):         {ours_s:.1f} s (median of {len(ours['wall'])})")
     print(f"ratio ART / ours: {ratio:.2f} wall clock (limit {LIMIT:g}, aim {AIM:g}); ", end="")
     print(f"{cpu_ratio:.2f} in CPU time (for reference: less sensitive to other processes)")
-    ours_index, ours_flag = describe("ours", ours_norms)
-    art_index, art_flag = describe("ART ", art_norms)
-    if not art_moved:
+    _, ours_flag = describe("ours", ours["norms"])
+    _, art_flag = describe("ART ", art["norms"])
+    if not art["moved"]:
         print(
             "ART : its learning rate was 0 (reset() zeroes it under Keras 3), so its masks never "
             "left their random start; run without --art-as-shipped for the fixed ART"
@@ -260,6 +260,19 @@ def main() -> int:
         f"ours flags class {TARGET}: {ours_flag} (ART: {art_flag})"
     )
     return 0 if holds else 1
+
+
+def main() -> int:
+    args = parse_args()
+    data = load("fashion_mnist", max_test=args.n_clean, seed=args.seed)
+    model, cached = watermarked_model(data, args.train_epochs, args.seed)
+    describe_model(model, cached, args.seed)
+    x, y = data.x_test, data.y_test
+    print(
+        f"budget: {args.steps} epochs x {len(x) // 32} mini-batches of 32 per class, "
+        f"{len(x)} clean test images, early stopping {'on' if args.early_stop else 'off'}"
+    )
+    return verdict(time_both(model, x, y, args))
 
 
 if __name__ == "__main__":
