@@ -116,6 +116,27 @@ class ArtAttack(RemovalAttack):
     art_kind: ClassVar[str] = ""
     art_cls: ClassVar[type] = object
 
+    def __init__(self, config=None, **options):
+        super().__init__(config, **options)
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Refuse what the ART class would refuse, before any work: a UserError naming the parameter.
+
+        STRIP's parameters are those of its ``__call__``; an extraction
+        attack's those of its constructor less the ones the suite sets from
+        its own options; a pre- or postprocessor is made once (its own
+        ``_check_params`` runs) on a placeholder input range.
+        """
+        params = parse_params(self.config.params)
+        if self.art_kind == "poisoning_defence":
+            if self.art_cls.__name__ == "STRIP":
+                strip.strip_parameters(self.art_cls, params)
+        elif self.art_kind == "extraction":
+            _check_names(self.name, params, _init_parameters(self.art_cls) - {"self", "classifier"})
+        else:
+            self._make(**self._transform_extras((0.0, 1.0)))
+
     def _images(self, data) -> np.ndarray:
         x = np.asarray(data.x_train, np.float32)
         n = self.config.queries
@@ -159,13 +180,18 @@ class ArtAttack(RemovalAttack):
         )
         return thief, {"queries": int(len(x)), "epochs": result.epochs_run if result else 0}
 
+    def _transform_extras(self, input_range) -> dict:
+        """What the suite passes a pre- or postprocessor: its input range, predict-time only."""
+        if self.art_kind != "preprocessor":
+            return {}
+        low, high = input_range
+        extra = {"apply_predict": True}
+        if "clip_values" in _init_parameters(self.art_cls):
+            extra["clip_values"] = (float(np.min(low)), float(np.max(high)))
+        return extra
+
     def _preprocess(self, model, data):
-        low, high = classifier.input_range(data)
-        extra = {"clip_values": (float(np.min(low)), float(np.max(high)))}
-        if "clip_values" not in _init_parameters(self.art_cls):
-            extra = {}
-        extra["apply_predict"] = True
-        transform = self._make(**extra)
+        transform = self._make(**self._transform_extras(classifier.input_range(data)))
         return QueryModel(model, transform=lambda x: transform(x)[0], name=self.name), {}
 
     def _postprocess(self, model, data):
@@ -193,6 +219,27 @@ class ArtAttack(RemovalAttack):
         suspect = QueryModel(model, refuse=refuse, name=self.name)
         info = {"calibration_images": int(len(clean)), "clean_refusal_rate": refused}
         return suspect, {**info, "entropy_boundary": threshold}
+
+
+#: extraction parameters the suite sets from the attack's own options
+_SET_BY_SUITE = {
+    "batch_size_fit": "batch_size",
+    "nb_epochs": "epochs",
+    "nb_stolen": "queries",
+    "use_probability": "use_probability",
+}
+
+
+def _check_names(name: str, params: dict, taken: set[str]) -> None:
+    for key in params:
+        if key in _SET_BY_SUITE:
+            raise UserError(
+                f"bad parameters for {name}: {key} is set from the attack's option "
+                f"{_SET_BY_SUITE[key]!r}; pass that instead"
+            )
+        if key not in taken:
+            others = ", ".join(sorted(taken - set(_SET_BY_SUITE)))
+            raise UserError(f"bad parameters for {name}: {key!r}; it takes {others}")
 
 
 def _init_parameters(cls: type) -> set[str]:

@@ -95,7 +95,8 @@ def _split(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(part for part in text.split(",") if part)
 
 
-def _check_names(rows, columns) -> None:
+def _check_names(rows, columns, preset: str) -> None:
+    """Refuse an unknown row, an unknown column and a column option its attack refuses."""
     import attacks
     import fingerprints
     import watermarks
@@ -105,7 +106,8 @@ def _check_names(rows, columns) -> None:
         if row not in known:
             raise UserError(f"unknown scheme {row!r}; expected some of: {', '.join(known)}")
     for column in columns:
-        attacks.get(column_unit(column)[0])  # an unknown or non-removal name is a UserError
+        name, options = column_unit(column)
+        attacks.get(name).from_preset(preset, **options)  # ART parameters are checked here too
 
 
 def _recipes(preset: str) -> tuple[str, str, TrainConfig, TrainConfig]:
@@ -149,7 +151,7 @@ def make_config(
         _SMOKE_ROWS if preset == "smoke" else (*watermarks.names(), *fingerprints.names())
     )
     columns = _split(attacks) or (_SMOKE_COLUMNS if preset == "smoke" else _default_columns(preset))
-    _check_names(rows, columns)
+    _check_names(rows, columns, preset)
     plan = Plan(
         preset=preset,
         dataset=dataset or name,

@@ -37,12 +37,20 @@ def test_art_names_resolve_by_kind_and_evasion_names_are_refused():
         attacks.get("art:NoSuchThing")
 
 
-def test_bad_art_parameters_are_one_line_errors(victim, adversary):
-    with pytest.raises(UserError, match="bad ART parameter"):
-        attacks.get("art:FeatureSqueezing")(params="bit_depth")
-    unit = attacks.get("art:FeatureSqueezing")(params="bit_depht=2")
-    with pytest.raises(UserError, match="bad parameters for art:FeatureSqueezing"):
-        unit.remove(victim, adversary)
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("art:FeatureSqueezing", "bit_depth", "bad ART parameter 'bit_depth'"),
+        ("art:FeatureSqueezing", "bit_depht=2", "unexpected keyword argument 'bit_depht'"),
+        ("art:JpegCompression", "quality=500", "quality must be"),
+        ("art:ReverseSigmoid", "beta=-1", "must be positive"),
+        ("art:KnockoffNets", "rewards='all'", "'rewards'; it takes batch_size_query, reward"),
+        ("art:CopycatCNN", "nb_stolen=5", "nb_stolen is set from the attack's option 'queries'"),
+    ],
+)
+def test_bad_art_parameters_are_refused_when_the_attack_is_made(name, params, message):
+    with pytest.raises(UserError, match=message):
+        attacks.get(name)(params=params)
 
 
 def test_a_preprocessor_transforms_every_query_and_keeps_the_weights(victim, adversary):
@@ -141,7 +149,7 @@ def test_strip_takes_arts_parameters_and_refuses_others(victim, adversary):
     few = attacks.get("art:STRIP").from_preset("smoke", queries=100, params="num_samples=3")
     assert few.remove(victim, adversary).info["calibration_images"] == 100
     with pytest.raises(UserError, match="bad parameters for art:STRIP: samples"):
-        attacks.get("art:STRIP").from_preset("smoke", params="samples=3").remove(victim, adversary)
+        attacks.get("art:STRIP").from_preset("smoke", params="samples=3")
 
 
 def test_distillation_student_learns_from_soft_labels(victim, adversary, digits):

@@ -36,6 +36,11 @@ def _one_line(capsys) -> str:
         (["--executor", "dask"], "unknown executor 'dask'"),
         (["--address", "10.0.0.1:6379"], "add --executor ray"),
         (["--model", "/no/such/model.keras"], "does not exist"),
+        (["--attacks", "art:STRIP:params=samples=3"], "art:STRIP: samples; it takes"),
+        (["--attacks", "art:FeatureSqueezing:params=bit_depht=2"], "unexpected keyword"),
+        (["--attacks", "art:JpegCompression:params=quality=500"], "quality must be"),
+        (["--attacks", "art:CopycatCNN:params=nb_epochs=3"], "set from the attack's option"),
+        (["--attacks", "magnitude_pruning:rat=0.5"], "unknown option(s) 'rat'"),
     ],
 )
 def test_bad_matrix_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
